@@ -1,0 +1,1 @@
+"""l2a-train: long-context continued pretraining with L2A layers."""
