@@ -1,0 +1,71 @@
+"""Attention backends of the L2A layer, all in the [B, L, heads, head_dim] layout.
+
+- `reference`: torch SDPA with explicit boolean masks (document, causal, window). Runs on any
+  device; quadratic memory, so it is for CPU runs, tests and short sequences.
+- `kernels`: the `l2a_kernels` ops (query-sparse global attention, sliding-window attention)
+  on the flattened varlen batch. CUDA only (or CPU under TRITON_INTERPRET=1, for tests).
+
+`conditional` returns exactly zero for tokens that are not routed, and gives those tokens' queries
+no gradient, in every backend: that is what the query-sparse kernel computes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .documents import DocumentLayout
+
+BACKENDS = ("auto", "reference", "kernels", "dense")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`auto` picks the kernels on CUDA and the reference elsewhere; `dense` computes like `auto`
+    but always takes the dense global path (see L2ADecoderLayer)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"l2a.backend must be one of {BACKENDS}, got '{backend}'")
+    if backend in ("auto", "dense"):
+        return "kernels" if device.type == "cuda" else "reference"
+    return backend
+
+
+def _sdpa(q, k, v, mask, scale):
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+def _flat(x):
+    return x.reshape(-1, *x.shape[2:])
+
+
+def sliding_window(q, k, v, layout: DocumentLayout, window: int, scale: float, backend: str):
+    if backend == "reference":
+        return _sdpa(q, k, v, layout.mask(window), scale)
+    from l2a_kernels import sliding_window_attention
+
+    out = sliding_window_attention(_flat(q), _flat(k), _flat(v), window, cu_seqlens=layout.cu_seqlens, scale=scale)
+    return out.view_as(q)
+
+
+def causal(q, k, v, layout: DocumentLayout, scale: float, backend: str):
+    """Full causal attention inside each document (unconverted layers and the dense path)."""
+    if backend == "reference":
+        return _sdpa(q, k, v, layout.mask(), scale)
+    route = torch.ones(q.shape[0] * q.shape[1], dtype=torch.bool, device=q.device)
+    return conditional(q, k, v, layout, route.view(q.shape[:2]), scale, backend)
+
+
+def conditional(q, k, v, layout: DocumentLayout, route: torch.Tensor, scale: float, backend: str):
+    """Global attention for routed tokens (route: bool [B, L]); exact zeros for the others."""
+    if backend == "reference":
+        out = _sdpa(q, k, v, layout.mask(), scale)
+        return out.masked_fill(~route[:, :, None, None], 0.0)
+    from l2a_kernels import conditional_attention
+
+    out = conditional_attention(
+        _flat(q), _flat(k), _flat(v), route.reshape(-1), cu_seqlens=layout.cu_seqlens, scale=scale
+    )
+    return out.view_as(q)

@@ -1,0 +1,254 @@
+"""Base Qwen model -> L2A model (DESIGN.md section 1), and building models from Hydra configs.
+
+Conversion copies, for every converted layer, the base attention into both attentions and the
+layer's input norm into the second norm; the router starts at zero. `init=preserve` also zeroes
+the SWA output projection so the converted model computes exactly the base model at step 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen3Config
+
+from l2a_configs import UserError
+
+from .config import CONFIG_BY_FAMILY, FAMILY_BY_MODEL_TYPE, L2A_DEFAULTS
+from .modeling import MODEL_BY_FAMILY
+
+log = logging.getLogger(__name__)
+BASE_CONFIGS = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}
+MODES = ("l2a", "full", "swa", "random", "static")
+INITS = ("paper", "preserve")
+
+
+def select_layers(spec, num_layers: int, setting: str = "l2a.layers") -> list[int]:
+    """`all`, a list of indices, or `every:k` (layers k-1, 2k-1, ...: the k-th, 2k-th, ...)."""
+    if spec in (None, "all"):
+        return list(range(num_layers))
+    if isinstance(spec, str) and spec.startswith("every:"):
+        try:
+            k = int(spec.split(":", 1)[1])
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise UserError(f"{setting}='{spec}': k in every:k must be a positive integer")
+        return [i for i in range(num_layers) if (i + 1) % k == 0]
+    if isinstance(spec, int):
+        spec = [spec]
+    try:
+        layers = sorted({int(i) for i in spec})
+    except (TypeError, ValueError):
+        raise UserError(f"{setting}={spec!r}: use all, a list such as [0, 2], or every:k") from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise UserError(f"{setting}: layer index {bad} out of range; the model has layers 0..{num_layers - 1}")
+    return layers
+
+
+def layer_types_for(l2a_cfg, num_layers: int) -> list[str]:
+    mode = l2a_cfg.get("mode", "l2a")
+    if mode not in MODES:
+        raise UserError(f"l2a.mode='{mode}' is not one of {MODES}")
+    chosen = set(select_layers(l2a_cfg.get("layers", "all"), num_layers))
+    if mode == "full":
+        return ["global"] * num_layers
+    if mode == "static":
+        every = int(l2a_cfg.get("static_every", 4))
+        globals_ = set(select_layers(f"every:{every}", num_layers, "l2a.static_every"))
+        return ["global" if i in globals_ else "swa" for i in range(num_layers)]
+    converted = "swa" if mode == "swa" else "l2a"
+    return [converted if i in chosen else "global" for i in range(num_layers)]
+
+
+def l2a_fields(l2a_cfg, num_layers: int) -> dict:
+    """The config.json fields of an L2A model, from a `configs/l2a/*.yaml` group."""
+    fields = dict(
+        l2a_layer_types=layer_types_for(l2a_cfg, num_layers),
+        l2a_window=int(l2a_cfg.get("window", L2A_DEFAULTS["l2a_window"])),
+        l2a_temperature=float(l2a_cfg.get("temperature", L2A_DEFAULTS["l2a_temperature"])),
+        l2a_threshold=float(l2a_cfg.get("threshold", L2A_DEFAULTS["l2a_threshold"])),
+        l2a_p_dense=float(l2a_cfg.get("p_dense", L2A_DEFAULTS["l2a_p_dense"])),
+        l2a_routing="random" if l2a_cfg.get("mode") == "random" else "learned",
+        l2a_random_rate=float(l2a_cfg.get("random_rate", L2A_DEFAULTS["l2a_random_rate"])),
+        l2a_backend=str(l2a_cfg.get("backend", L2A_DEFAULTS["l2a_backend"])),
+    )
+    return fields
+
+
+def _check_l2a_settings(fields: dict) -> None:
+    """The same checks as the config class, reported with the Hydra setting's name."""
+    if fields["l2a_window"] < 1:
+        raise UserError(f"l2a.window={fields['l2a_window']}: the sliding window must be at least 1 token")
+    if not 0.0 < fields["l2a_threshold"] < 1.0:
+        raise UserError(f"l2a.threshold={fields['l2a_threshold']}: must be strictly between 0 and 1")
+    if fields["l2a_temperature"] <= 0:
+        raise UserError(f"l2a.temperature={fields['l2a_temperature']}: must be > 0")
+    if not 0.0 <= fields["l2a_p_dense"] <= 1.0:
+        raise UserError(f"l2a.p_dense={fields['l2a_p_dense']}: must be in [0, 1]")
+    if not 0.0 <= fields["l2a_random_rate"] <= 1.0:
+        raise UserError(f"l2a.random_rate={fields['l2a_random_rate']}: must be in [0, 1]")
+    from .attention import BACKENDS
+
+    if fields["l2a_backend"] not in BACKENDS:
+        raise UserError(f"l2a.backend='{fields['l2a_backend']}' is not one of {BACKENDS}")
+
+
+def _dtype(name) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(name)]
+
+
+def apply_context_overrides(config, model_cfg) -> None:
+    """RoPE theta and max positions for context extension (paper: 5e6 and 131072)."""
+    if model_cfg.get("rope_theta") is not None:
+        config.rope_parameters = {**(config.rope_parameters or {}), "rope_theta": float(model_cfg.rope_theta)}
+    if model_cfg.get("max_position_embeddings") is not None:
+        config.max_position_embeddings = int(model_cfg.max_position_embeddings)
+
+
+def read_model_type(path: Path) -> str:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"model.path={path}: no config.json there; point it at a Hugging Face checkpoint directory")
+    try:
+        return json.loads(cfg_file.read_text()).get("model_type", "")
+    except json.JSONDecodeError as err:
+        raise UserError(f"{cfg_file}: not valid JSON ({err})") from None
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype, config=None):
+    """from_pretrained that refuses checkpoints whose weights do not match their config."""
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path), config=config, dtype=dtype, output_loading_info=True
+        )
+    except (RuntimeError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: the checkpoint does not match its config.json ({first})") from None
+    missing = [k for k in info.get("missing_keys", []) if "rotary_emb" not in k]
+    mismatched = info.get("mismatched_keys", [])
+    unexpected = info.get("unexpected_keys", [])
+    if missing or mismatched or unexpected:
+        detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected/mismatched {(list(unexpected) + list(mismatched))[:3]}"
+        raise UserError(f"{path}: the weights do not match config.json ({detail}); is config.json from this checkpoint?")
+    return model
+
+
+def build_base(model_cfg):
+    """The base Qwen model: from a local directory, or from `model.config` with random weights."""
+    family = model_cfg.get("family")
+    if family not in BASE_CONFIGS:
+        raise UserError(f"model.family='{family}' is not supported; use qwen2 (Qwen2.5) or qwen3")
+    dtype = _dtype(model_cfg.get("dtype", "float32"))
+    if model_cfg.get("path"):
+        path = Path(model_cfg.path)
+        if not path.is_dir():
+            raise UserError(f"model.path={path} does not exist; give a local Hugging Face checkpoint directory")
+        model_type = read_model_type(path)
+        if model_type not in ("qwen2", "qwen3"):
+            raise UserError(
+                f"model.path={path} holds a '{model_type}' model; only Qwen2/Qwen2.5 and Qwen3 models can be converted"
+            )
+        return load_checkpoint(path, dtype)
+    if not model_cfg.get("config"):
+        raise UserError("model.path is null and model.config is empty: give a checkpoint or an architecture")
+    config = BASE_CONFIGS[family](**_plain(model_cfg.config))
+    torch.manual_seed(int(model_cfg.get("seed", 0)))
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _plain(node) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+
+
+@torch.no_grad()
+def convert_model(base, l2a_cfg, model_cfg=None):
+    """A base Qwen2/Qwen3 causal LM -> the L2A model described by `l2a_cfg`."""
+    model_type = base.config.model_type
+    if model_type not in ("qwen2", "qwen3"):
+        raise UserError(f"cannot convert a '{model_type}' model; only Qwen2/Qwen2.5 and Qwen3 are supported")
+    init = l2a_cfg.get("init", "paper")
+    if init not in INITS:
+        raise UserError(f"l2a.init='{init}' is not one of {INITS}")
+    fields = l2a_fields(l2a_cfg, base.config.num_hidden_layers)
+    _check_l2a_settings(fields)
+    base_dict = base.config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        base_dict.pop(key, None)
+    config = CONFIG_BY_FAMILY[model_type](**base_dict, **fields)
+    config.use_cache = False  # no L2A KV cache yet: generate() recomputes the prefix
+    if model_cfg is not None:
+        apply_context_overrides(config, model_cfg)
+    model = MODEL_BY_FAMILY[model_type](config).to(base.dtype)
+
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    new = ("global_attn.", "global_layernorm.", "router.")
+    if unexpected or [k for k in missing if not any(n in k for n in new)]:
+        raise UserError(f"base weights do not fit the L2A model (unexpected {unexpected[:3]}, missing {missing[:3]})")
+    for layer in model.model.layers:
+        if layer.layer_type != "l2a":
+            continue
+        layer.global_attn.load_state_dict(layer.self_attn.state_dict())
+        layer.global_layernorm.load_state_dict(layer.input_layernorm.state_dict())
+        layer.router.weight.zero_()
+        if init == "preserve":
+            layer.self_attn.o_proj.weight.zero_()
+            if layer.self_attn.o_proj.bias is not None:
+                layer.self_attn.o_proj.bias.zero_()
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+RUNTIME_FIELDS = ("p_dense", "backend", "threshold", "temperature", "random_rate")
+
+
+def build_model(model_cfg, l2a_cfg):
+    """The model to train or evaluate, from the `model` and `l2a` config groups.
+
+    - `model.path` null or a base Qwen checkpoint: converted on the fly with `l2a_cfg`;
+    - an L2A checkpoint: loaded; its structure (layer types, window) is kept, and the runtime
+      settings of `l2a_cfg` (p_dense, backend, threshold, temperature, random_rate) apply.
+    """
+    path = Path(model_cfg.path) if model_cfg.get("path") else None
+    if path is not None and path.is_dir() and read_model_type(path).startswith("l2a_"):
+        config = AutoConfig.from_pretrained(str(path))
+        apply_context_overrides(config, model_cfg)
+        for key in RUNTIME_FIELDS:
+            if l2a_cfg.get(key) is not None:
+                setattr(config, f"l2a_{key}", l2a_cfg[key])
+        try:
+            config.validate_l2a()
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        if int(l2a_cfg.get("window", config.l2a_window)) != config.l2a_window:
+            log.warning("l2a.window=%s ignored: %s was converted with window %s", l2a_cfg.window, path, config.l2a_window)
+        return load_checkpoint(path, _dtype(model_cfg.get("dtype", "float32")), config=config)
+    return convert_model(build_base(model_cfg), l2a_cfg, model_cfg)
+
+
+TRAINABLE_PRESETS = ("all", "paper", "router")
+
+
+def apply_trainable(model, preset: str) -> int:
+    """Sets requires_grad by preset; returns the number of trainable parameters.
+
+    paper: attention (both), all norms, router; MLP, embeddings and LM head frozen.
+    """
+    if preset not in TRAINABLE_PRESETS:
+        raise UserError(f"l2a.trainable='{preset}' is not one of {TRAINABLE_PRESETS}")
+    keys = {
+        "all": None,
+        "paper": ("self_attn.", "global_attn.", "layernorm.", "router.", "model.norm."),
+        "router": ("router.",),
+    }[preset]
+    count = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(keys is None or any(k in name for k in keys))
+        count += param.numel() if param.requires_grad else 0
+    return count

@@ -1,0 +1,130 @@
+"""The L2A decoder layer (DESIGN.md section 1), built from transformers' own Qwen modules.
+
+    h   = x + SWA(RMSNorm(x))
+    u   = RMSNorm_g(h);  p = sigmoid(w.u / tau);  d = 1[p >= threshold] + (p - sg(p))
+    y   = h + O_g(d * GlobalAttn(u))
+    out = y + MLP(RMSNorm(y))
+
+Weights keep the base model's names (`self_attn`, `input_layernorm`, `mlp`, ...), so a base
+checkpoint loads into an L2A model directly: `self_attn` is the sliding-window attention of
+converted layers and the full attention of unconverted ones; `global_attn`, `global_layernorm`
+and `router` are the new modules. We reuse the Qwen attention modules for their projections and
+q/k norms only, and call our own attention backends (document masks, query-sparse kernel).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+from . import attention as attn_ops
+from .documents import DocumentLayout
+
+
+class Router(nn.Module):
+    """z = w . u (no bias); zero-initialised so every token starts routed (p = 0.5)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, hidden_size))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return (u @ self.weight.to(u.dtype).t()).squeeze(-1)
+
+
+def project_qkv(module: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary):
+    """q [B, L, HQ, D], k/v [B, L, H, D] with the module's projections, q/k norms and RoPE."""
+    shape = (*x.shape[:-1], -1, module.head_dim)
+    q = module.q_proj(x).view(shape)
+    k = module.k_proj(x).view(shape)
+    v = module.v_proj(x).view(shape)
+    if hasattr(module, "q_norm"):  # Qwen3 normalises q and k per head; Qwen2 does not
+        q, k = module.q_norm(q), module.k_norm(k)
+    q, k = rotary(q, k, cos, sin, unsqueeze_dim=2)
+    return q, k, v
+
+
+def dense_path_drawn(p_dense: float, routing_step: int, layer_idx: int) -> bool:
+    """One draw per layer call, a pure function of (step, layer): identical on every rank and
+    when gradient checkpointing recomputes the layer."""
+    if p_dense <= 0.0:
+        return False
+    return random.Random(routing_step * 1_000_003 + layer_idx).random() < p_dense
+
+
+def straight_through(p: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Forward: the hard decision 1[p >= threshold]; backward: the gradient of p."""
+    hard = (p >= threshold).to(p.dtype)
+    return hard + (p - p.detach())
+
+
+class L2ADecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, modules):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.layer_type = config.l2a_layer_types[layer_idx]
+        self.config = config
+        self.rotary = modules.apply_rotary_pos_emb
+        self.self_attn = modules.Attention(config, layer_idx)
+        self.input_layernorm = modules.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = modules.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = modules.MLP(config)
+        if self.layer_type == "l2a":
+            self.global_attn = modules.Attention(config, layer_idx)
+            self.global_layernorm = modules.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.router = Router(config.hidden_size)
+
+    def forward(self, x, position_embeddings, layout: DocumentLayout, routing_step: int = 0):
+        """Returns (hidden, router_terms) with router_terms = float32 [3]:
+        (mean over rows of sum over tokens of p^2, routed fraction, mean p)."""
+        cfg = self.config
+        cos, sin = position_embeddings
+        backend = attn_ops.resolve_backend(cfg.l2a_backend, x.device)
+        attn = self.self_attn
+
+        q, k, v = project_qkv(attn, self.input_layernorm(x), cos, sin, self.rotary)
+        if self.layer_type == "global":
+            a = attn_ops.causal(q, k, v, layout, attn.scaling, backend)
+        else:
+            a = attn_ops.sliding_window(q, k, v, layout, int(cfg.l2a_window), attn.scaling, backend)
+        h = x + attn.o_proj(a.flatten(2))
+
+        if self.layer_type == "l2a":
+            h, terms = self._routed_global(h, cos, sin, layout, routing_step, backend)
+        else:
+            terms = torch.zeros(3, device=x.device)  # a fill, not a host-to-device copy
+            terms[1:] = 1.0 if self.layer_type == "global" else 0.0
+
+        out = h + self.mlp(self.post_attention_layernorm(h))
+        return out, terms
+
+    def _routed_global(self, h, cos, sin, layout, routing_step, backend):
+        cfg = self.config
+        u = self.global_layernorm(h)
+        if cfg.l2a_routing == "random":
+            gen = torch.Generator(device=h.device).manual_seed(routing_step * 1_000_003 + self.layer_idx)
+            route = torch.rand(h.shape[:2], generator=gen, device=h.device) < float(cfg.l2a_random_rate)
+            p = torch.full(h.shape[:2], float(cfg.l2a_random_rate), device=h.device)
+            d = route.float()
+            p_sq = torch.zeros((), device=h.device)  # nothing to regularise: no learned router
+        else:
+            p = torch.sigmoid(self.router(u).float() / float(cfg.l2a_temperature))
+            d = straight_through(p, float(cfg.l2a_threshold))
+            route = d.detach() > 0.5
+            p_sq = (p * p).sum(-1).mean()
+
+        q, k, v = project_qkv(self.global_attn, u, cos, sin, self.rotary)
+        scale = self.global_attn.scaling
+        dense = cfg.l2a_backend == "dense" or (
+            self.training and dense_path_drawn(float(cfg.l2a_p_dense), routing_step, self.layer_idx)
+        )
+        if dense:  # every token attends; skipped tokens then get gradient through d
+            g = attn_ops.causal(q, k, v, layout, scale, backend)
+        else:
+            g = attn_ops.conditional(q, k, v, layout, route, scale, backend)
+        g = g.flatten(2) * d.to(g.dtype)[..., None]
+        h = h + self.global_attn.o_proj(g)
+        terms = torch.stack([p_sq, route.float().mean(), p.mean()]).float()
+        return h, terms

@@ -1,0 +1,161 @@
+"""L2A Qwen2 / Qwen3 models: transformers' Qwen classes with L2A decoder layers.
+
+The model forward is our own (not Qwen's) because every layer needs the document layout of
+the packed batch and returns router statistics; embeddings, rotary embedding, norms, MLP and
+the causal-LM head are transformers' modules and forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.qwen2 import modeling_qwen2 as qwen2
+from transformers.models.qwen3 import modeling_qwen3 as qwen3
+
+from .config import L2AQwen2Config, L2AQwen3Config
+from .documents import DocumentLayout
+from .layer import L2ADecoderLayer, Router
+
+
+def _family_modules(module):
+    prefix = "Qwen2" if module is qwen2 else "Qwen3"
+    return SimpleNamespace(
+        Attention=getattr(module, f"{prefix}Attention"),
+        MLP=getattr(module, f"{prefix}MLP"),
+        RMSNorm=getattr(module, f"{prefix}RMSNorm"),
+        RotaryEmbedding=getattr(module, f"{prefix}RotaryEmbedding"),
+        apply_rotary_pos_emb=module.apply_rotary_pos_emb,
+    )
+
+
+@dataclass
+class L2AModelOutput(BaseModelOutputWithPast):
+    router_reg: torch.Tensor | None = None  # R of DESIGN.md section 1 (differentiable scalar)
+    routed_fraction: torch.Tensor | None = None  # float32 [num_layers], detached
+    mean_prob: torch.Tensor | None = None  # float32 [num_layers], detached
+
+
+class L2AModelMixin:
+    """The decoder stack. Set by the subclasses: `_modules_ns` (the family's module classes)."""
+
+    _no_split_modules = ["L2ADecoderLayer"]
+    _can_record_outputs = {}
+
+    def _build(self, config):
+        ns = self._modules_ns
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(L2ADecoderLayer(config, i, ns) for i in range(config.num_hidden_layers))
+        self.norm = ns.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = ns.RotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.routing_step = 0
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        document_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        cache=None,
+        past_key_values=None,
+        **kwargs,
+    ) -> L2AModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if (cache if cache is not None else past_key_values) is not None:
+            raise NotImplementedError("L2A models do not support a KV cache yet; generate with use_cache=False")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padding masks are not supported: pack rows and mark documents with position_ids")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = x.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(length, device=x.device).expand(batch, length)
+        if document_ids is not None:
+            layout = DocumentLayout.from_document_ids(document_ids)
+        else:
+            layout = DocumentLayout.from_position_ids(position_ids, batch, length, x.device)
+        position_embeddings = self.rotary_emb(x, position_ids)
+
+        terms = []
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, t = checkpoint(layer, x, position_embeddings, layout, self.routing_step, use_reentrant=False)
+            else:
+                x, t = layer(x, position_embeddings, layout, self.routing_step)
+            terms.append(t)
+        terms = torch.stack(terms)  # [num_layers, 3]
+        return L2AModelOutput(
+            last_hidden_state=self.norm(x),
+            router_reg=terms[:, 0].sum() / len(self.layers),
+            routed_fraction=terms[:, 1].detach(),
+            mean_prob=terms[:, 2].detach(),
+        )
+
+
+class L2ACausalLMMixin:
+    """Causal-LM head on the L2A stack; `forward` (logits, loss, generate) is transformers'."""
+
+    _no_split_modules = ["L2ADecoderLayer"]
+
+    def _build_lm(self, config, model_cls):
+        self.model = model_cls(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def set_routing_step(self, step: int) -> None:
+        """Seeds the stochastic dense-path draw; call before each micro-step (same on all ranks)."""
+        self.model.routing_step = int(step)
+
+    def _init_weights(self, module):
+        if isinstance(module, Router):
+            nn.init.zeros_(module.weight)  # p = 0.5 >= threshold: every token starts routed
+        else:
+            super()._init_weights(module)
+
+
+class L2AQwen2Model(L2AModelMixin, qwen2.Qwen2PreTrainedModel):
+    config_class = L2AQwen2Config
+    _modules_ns = _family_modules(qwen2)
+
+    def __init__(self, config):
+        qwen2.Qwen2PreTrainedModel.__init__(self, config)
+        self._build(config)
+
+
+class L2AQwen3Model(L2AModelMixin, qwen3.Qwen3PreTrainedModel):
+    config_class = L2AQwen3Config
+    _modules_ns = _family_modules(qwen3)
+
+    def __init__(self, config):
+        qwen3.Qwen3PreTrainedModel.__init__(self, config)
+        self._build(config)
+
+
+class L2AQwen2ForCausalLM(L2ACausalLMMixin, qwen2.Qwen2ForCausalLM):
+    config_class = L2AQwen2Config
+
+    def __init__(self, config):
+        qwen2.Qwen2PreTrainedModel.__init__(self, config)
+        self._build_lm(config, L2AQwen2Model)
+
+
+class L2AQwen3ForCausalLM(L2ACausalLMMixin, qwen3.Qwen3ForCausalLM):
+    config_class = L2AQwen3Config
+
+    def __init__(self, config):
+        qwen3.Qwen3PreTrainedModel.__init__(self, config)
+        self._build_lm(config, L2AQwen3Model)
+
+
+MODEL_BY_FAMILY = {"qwen2": L2AQwen2ForCausalLM, "qwen3": L2AQwen3ForCausalLM}
