@@ -6,7 +6,7 @@ The Hydra config tree ships as the package `l2a_configs` so that installed entry
 find it through Hydra's `pkg://` search path, editable install or not.
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 FOLDERS = {
     "l2a_train": "src/l2a_train",
@@ -19,13 +19,14 @@ packages, package_dir = [], {}
 for name, folder in FOLDERS.items():
     package_dir[name] = folder
     packages.append(name)
-    for sub in find_packages(folder):
+    # Config groups are plain folders of YAML: namespace packages, so their files ship as data.
+    finder = find_namespace_packages if name == "l2a_configs" else find_packages
+    for sub in finder(folder, exclude=["__pycache__*"]):
         packages.append(f"{name}.{sub}")
         package_dir[f"{name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
 
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"l2a_configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"], "l2a_data_prep": ["assets/*"]},
-    include_package_data=True,
+    package_data={"": ["*.yaml"], "l2a_data_prep": ["assets/*"]},
 )

@@ -1,0 +1,89 @@
+"""`l2a-convert`: a base Qwen2/Qwen3 checkpoint (or a config) -> an L2A checkpoint directory.
+
+Everything is validated and built in memory first, then written to a temporary sibling
+directory and renamed, so a failed conversion never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from l2a_configs import UserError, hydra_app
+
+log = logging.getLogger("l2a-convert")
+
+
+def resolve_tokenizer_dir(cfg) -> Path | None:
+    if cfg.get("tokenizer"):
+        path = Path(cfg.tokenizer)
+        if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
+            raise UserError(f"tokenizer={path}: no Hugging Face tokenizer there (tokenizer.json / tokenizer_config.json)")
+        return path
+    if cfg.model.get("path"):
+        path = Path(cfg.model.path)
+        if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+            return path
+    return None
+
+
+def write_atomically(output: Path, overwrite: bool, write) -> None:
+    """Call write(tmp_dir), then move tmp_dir to output (replacing it only if overwrite)."""
+    if output.exists() and not overwrite:
+        raise UserError(f"output={output} already exists; choose another directory or pass overwrite=true")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if output.exists():
+            old = output.parent / f".{output.name}.old-{os.getpid()}"
+            output.rename(old)
+            tmp.rename(output)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert(cfg) -> Path:
+    from transformers import AutoTokenizer
+
+    from l2a_train.model import build_base, convert_model
+
+    output = Path(cfg.output)
+    if output.exists() and not cfg.overwrite:  # fail before any heavy work
+        raise UserError(f"output={output} already exists; choose another directory or pass overwrite=true")
+    tokenizer_dir = resolve_tokenizer_dir(cfg)
+    base = build_base(cfg.model)
+    model = convert_model(base, cfg.l2a, cfg.model)
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        if len(tokenizer) > model.config.vocab_size:
+            raise UserError(
+                f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but the model's vocab_size is "
+                f"{model.config.vocab_size}; use the model's own tokenizer or a larger model.config.vocab_size"
+            )
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer_dir is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    write_atomically(output, bool(cfg.overwrite), write)
+    kinds = model.config.l2a_layer_types
+    log.info(
+        "wrote %s: %s, %d layers (%d l2a, %d swa, %d global), window %d",
+        output, model.config.model_type, len(kinds), kinds.count("l2a"), kinds.count("swa"),
+        kinds.count("global"), model.config.l2a_window,
+    )
+    return output
+
+
+main = hydra_app("convert")(convert)
+
+if __name__ == "__main__":
+    main()
