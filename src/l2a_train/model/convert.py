@@ -155,7 +155,8 @@ def build_base(model_cfg):
         return load_checkpoint(path, dtype)
     if not model_cfg.get("config"):
         raise UserError("model.path is null and model.config is empty: give a checkpoint or an architecture")
-    config = BASE_CONFIGS[family](**_plain(model_cfg.config))
+    # null entries mean "the family's default" (tiny_qwen2 drops Qwen3's head_dim this way)
+    config = BASE_CONFIGS[family](**{k: v for k, v in _plain(model_cfg.config).items() if v is not None})
     torch.manual_seed(int(model_cfg.get("seed", 0)))
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 

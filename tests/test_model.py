@@ -1,0 +1,300 @@
+"""L2A layer and model behaviour on tiny Qwen2 / Qwen3 models (CPU, reference backend)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
+
+import l2a_train  # noqa: F401  (registers the Auto classes)
+from l2a_configs import UserError, compose
+from l2a_train.model import apply_trainable, build_base, build_model, convert_model, select_layers
+from l2a_train.model.layer import dense_path_drawn
+
+FAMILIES = ["tiny_qwen3", "tiny_qwen2"]
+VOCAB = 4096
+
+
+def cfgs(model="tiny_qwen3", *overrides):
+    cfg = compose("convert", [f"model={model}", "output=unused", *overrides])
+    return cfg.model, cfg.l2a
+
+
+def base_and_l2a(model="tiny_qwen3", *overrides):
+    model_cfg, l2a_cfg = cfgs(model, *overrides)
+    base = build_base(model_cfg).eval()
+    return base, convert_model(base, l2a_cfg, model_cfg).eval()
+
+
+def tokens(batch=2, length=48, seed=0):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_preserve_init_equals_base_and_paper_init_differs(model):
+    ids = tokens()
+    base, preserved = base_and_l2a(model, "l2a.init=preserve", "l2a.window=64")
+    _, paper = base_and_l2a(model, "l2a.init=paper", "l2a.window=64")
+    with torch.no_grad():
+        ref = base(ids).logits
+        torch.testing.assert_close(preserved(ids).logits, ref, rtol=1e-5, atol=1e-5)
+        assert (paper(ids).logits - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("mode", ["full", "swa"])
+def test_full_and_wide_swa_baselines_equal_base(mode):
+    """Full attention is the unchanged model; SWA with window >= length is causal attention."""
+    ids = tokens()
+    base, model = base_and_l2a("tiny_qwen3", f"l2a={mode}", "l2a.window=64")
+    assert set(model.config.l2a_layer_types) == {"global" if mode == "full" else "swa"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_router_off_global_path_contributes_nothing_and_gets_no_gradient():
+    ids = tokens()
+    _, on = base_and_l2a("tiny_qwen3", "l2a.p_dense=0", "l2a.window=8")
+    _, swa = base_and_l2a("tiny_qwen3", "l2a=swa", "l2a.window=8")
+    on.config.l2a_threshold = 0.999  # p = 0.5 at init: nobody is routed
+    on.train()
+    out = on.model(input_ids=ids)
+    assert out.routed_fraction.sum() == 0
+    # with every token skipped, the L2A model computes exactly the SWA-only model
+    with torch.no_grad():
+        torch.testing.assert_close(on.lm_head(out.last_hidden_state), swa(ids).logits, rtol=1e-5, atol=1e-5)
+    out.last_hidden_state.square().mean().backward()
+    for layer in on.model.layers:
+        for name, param in layer.global_attn.named_parameters():
+            assert param.grad is None or param.grad.abs().max() == 0, name
+
+
+def test_router_on_sparse_path_equals_dense_path():
+    ids = tokens()
+    _, model = base_and_l2a("tiny_qwen3", "l2a.window=64", "l2a.p_dense=0")
+    model.train()  # zero router: p = 0.5, every token routed
+    sparse = model.model(input_ids=ids).last_hidden_state
+    sparse.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "global_attn" in n}
+    model.zero_grad()
+    model.config.l2a_backend = "dense"
+    dense = model.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    dense.sum().backward()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-5)
+
+
+def test_straight_through_estimator_gives_router_gradient():
+    _, model = base_and_l2a("tiny_qwen3", "l2a.window=8", "l2a.p_dense=0")
+    model.train()
+    model(tokens(), labels=tokens()).loss.backward()
+    for layer in model.model.layers:
+        assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+def test_regularizer_gradient_lowers_router_probabilities():
+    _, model = base_and_l2a("tiny_qwen3", "l2a.window=8", "l2a.p_dense=0")
+    model.train()
+    ids = tokens()
+    routers = [layer.router.weight for layer in model.model.layers]
+    before = model.model(input_ids=ids)
+    before.router_reg.backward()
+    with torch.no_grad():
+        for w in routers:
+            w -= 1e-2 * w.grad
+    after = model.model(input_ids=ids)
+    assert (after.mean_prob < before.mean_prob).all()
+    assert after.router_reg < before.router_reg
+
+
+def test_regularizer_value_matches_definition():
+    """R = sum over layers (1/num_layers) * mean over rows of sum over tokens of p^2."""
+    _, model = base_and_l2a("tiny_qwen3", "l2a.window=8")
+    out = model.model(input_ids=tokens(batch=3, length=20))
+    assert out.router_reg.item() == pytest.approx(20 * 0.25)  # p = 0.5 everywhere at init
+    assert out.routed_fraction.tolist() == [1.0] * 4 and out.mean_prob.tolist() == [0.5] * 4
+
+
+def packed_row(seed_b):
+    """One row: document A (20 tokens, fixed) then document B (28 tokens, from seed_b)."""
+    row = torch.cat([tokens(1, 20, seed=1), tokens(1, 28, seed=seed_b)], 1)
+    pos = torch.cat([torch.arange(20), torch.arange(28)])[None]
+    return row, pos
+
+
+@pytest.mark.parametrize("model_name", FAMILIES)
+@pytest.mark.parametrize("backend", ["reference", "dense"])
+def test_documents_are_isolated(model_name, backend):
+    _, model = base_and_l2a(model_name, "l2a.window=6", f"l2a.backend={backend}")
+    ids1, pos = packed_row(seed_b=2)
+    ids2, _ = packed_row(seed_b=3)
+    assert not torch.equal(ids1[:, 20:], ids2[:, 20:])
+    with torch.no_grad():
+        out1 = model(ids1, position_ids=pos).logits
+        out2 = model(ids2, position_ids=pos).logits
+        alone = model(ids1[:, :20]).logits
+    torch.testing.assert_close(out1[:, :20], out2[:, :20], rtol=0, atol=0)
+    torch.testing.assert_close(out1[:, :20], alone, rtol=1e-5, atol=1e-5)
+    # and document B alone equals document B after A: it never sees A
+    with torch.no_grad():
+        b_alone = model(ids1[:, 20:]).logits
+    torch.testing.assert_close(out1[:, 20:], b_alone, rtol=1e-5, atol=1e-5)
+
+
+def test_save_and_from_pretrained_round_trip(tmp_path):
+    _, model = base_and_l2a("tiny_qwen2", "l2a.window=8", "l2a.layers=[1,3]")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded).__name__ == "L2AQwen2ForCausalLM"
+    assert loaded.config.l2a_layer_types == ["global", "l2a", "global", "l2a"]
+    with torch.no_grad():
+        layer = model.model.layers[1]
+        layer.router.weight.normal_()  # a trained router must survive the round trip too
+        model.save_pretrained(tmp_path)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(loaded(tokens()).logits, model(tokens()).logits, rtol=0, atol=0)
+
+
+def test_convert_cli_end_to_end_from_saved_base(tmp_path):
+    from l2a_train.convert import convert
+
+    model_cfg, l2a_cfg = cfgs("tiny_qwen3")
+    base = build_base(model_cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    cfg = compose(
+        "convert",
+        [f"model.path={tmp_path / 'base'}", f"output={tmp_path / 'out'}", "l2a.layers=every:2", "l2a.window=16"],
+    )
+    convert(cfg)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert loaded.config.l2a_layer_types == ["global", "l2a", "global", "l2a"]
+    expected = convert_model(base, cfg.l2a, cfg.model).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens()).logits, expected(tokens()).logits, rtol=0, atol=0)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_build_model_from_l2a_checkpoint_applies_runtime_settings(tmp_path):
+    _, model = base_and_l2a("tiny_qwen3", "l2a.window=8")
+    model.save_pretrained(tmp_path)
+    model_cfg, l2a_cfg = cfgs("tiny_qwen3", f"model.path={tmp_path}", "l2a.p_dense=0.5", "l2a.backend=dense")
+    loaded = build_model(model_cfg, l2a_cfg)
+    assert loaded.config.l2a_p_dense == 0.5 and loaded.config.l2a_backend == "dense"
+    assert loaded.config.l2a_window == 8
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["l2a.window=0"], "l2a.window"),
+        (["l2a.threshold=1.0"], "l2a.threshold"),
+        (["l2a.threshold=0"], "l2a.threshold"),
+        (["l2a.layers=[0,7]"], "out of range"),
+        (["l2a.layers=every:0"], "every:k"),
+        (["l2a.mode=bogus"], "l2a.mode"),
+        (["l2a.init=bogus"], "l2a.init"),
+    ],
+)
+def test_bad_settings_are_named_and_nothing_is_written(tmp_path, overrides, message):
+    from l2a_train.convert import convert
+
+    out = tmp_path / "out"
+    cfg = compose("convert", [f"output={out}", *overrides])
+    with pytest.raises(UserError, match=message):
+        convert(cfg)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_non_qwen_and_mismatched_checkpoints_are_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from l2a_train.convert import convert
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    llama.save_pretrained(tmp_path / "llama")
+    with pytest.raises(UserError, match="only Qwen2"):
+        convert(compose("convert", [f"model.path={tmp_path / 'llama'}", f"output={tmp_path / 'o1'}"]))
+
+    model_cfg, _ = cfgs("tiny_qwen3")
+    build_base(model_cfg).save_pretrained(tmp_path / "base")
+    config_file = tmp_path / "base" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["hidden_size"] = 64
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(UserError, match="does not match"):
+        convert(compose("convert", [f"model.path={tmp_path / 'base'}", f"output={tmp_path / 'o2'}"]))
+    with pytest.raises(UserError, match="does not exist"):
+        convert(compose("convert", [f"model.path={tmp_path / 'nowhere'}", f"output={tmp_path / 'o3'}"]))
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
+
+
+def test_layer_selection_and_static_hybrid():
+    assert select_layers("all", 4) == [0, 1, 2, 3]
+    assert select_layers("every:2", 4) == [1, 3]
+    assert select_layers([3, 1], 4) == [1, 3]
+    _, model = base_and_l2a("tiny_qwen3", "l2a=static", "l2a.static_every=2", "l2a.window=8")
+    assert model.config.l2a_layer_types == ["swa", "global", "swa", "global"]
+    assert not hasattr(model.model.layers[0], "router")
+
+
+def test_random_routing_rate_and_determinism():
+    _, model = base_and_l2a("tiny_qwen3", "l2a=random", "l2a.random_rate=0.3", "l2a.window=8")
+    ids = tokens(batch=4, length=256)
+    model.set_routing_step(5)
+    first = model.model(input_ids=ids)
+    assert first.routed_fraction.mean().item() == pytest.approx(0.3, abs=0.05)
+    assert first.router_reg.item() == 0.0
+    again = model.model(input_ids=ids)
+    torch.testing.assert_close(first.last_hidden_state, again.last_hidden_state, rtol=0, atol=0)
+    model.set_routing_step(6)
+    assert not torch.equal(model.model(input_ids=ids).routed_fraction, first.routed_fraction)
+
+
+def test_dense_path_draw_is_a_function_of_step_and_layer():
+    draws = [dense_path_drawn(0.1, step, layer) for step in range(200) for layer in range(4)]
+    assert draws == [dense_path_drawn(0.1, step, layer) for step in range(200) for layer in range(4)]
+    assert 0.05 < sum(draws) / len(draws) < 0.15
+    assert not any(dense_path_drawn(0.0, step, 0) for step in range(50))
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    _, model = base_and_l2a("tiny_qwen3", "l2a.window=8", "l2a.p_dense=0.5")
+    model.train()
+    ids = tokens()
+
+    def grads():
+        model.zero_grad()
+        model.set_routing_step(3)
+        model(ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    assert model.model.gradient_checkpointing
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_trainable_presets():
+    _, model = base_and_l2a("tiny_qwen3", "l2a.window=8")
+    total = sum(p.numel() for p in model.parameters())
+    assert apply_trainable(model, "all") == total
+    apply_trainable(model, "paper")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert any("mlp" in n for n in frozen) and any("embed_tokens" in n for n in frozen)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "attn" in n or "router" in n or "norm" in n)
+    assert apply_trainable(model, "router") == 4 * 128
+    with pytest.raises(UserError, match="l2a.trainable"):
+        apply_trainable(model, "bogus")
+
+
+def test_context_extension_overrides():
+    model_cfg, l2a_cfg = cfgs("tiny_qwen3", "model.rope_theta=5e6", "model.max_position_embeddings=8192")
+    model = build_model(model_cfg, l2a_cfg)
+    assert model.config.rope_parameters["rope_theta"] == 5e6
+    assert model.config.max_position_embeddings == 8192
+    assert OmegaConf.select(model_cfg, "config.max_position_embeddings") == 4096
