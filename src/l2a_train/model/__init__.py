@@ -6,6 +6,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .config import L2AQwen2Config, L2AQwen3Config
 from .convert import apply_trainable, build_base, build_model, convert_model, select_layers
 from .documents import DocumentLayout
+from .pruning import kv_cache_bytes, prune_layers
 from .modeling import (
     L2AModelOutput,
     L2AQwen2ForCausalLM,
@@ -35,5 +36,7 @@ __all__ = [
     "build_base",
     "build_model",
     "convert_model",
+    "kv_cache_bytes",
+    "prune_layers",
     "select_layers",
 ]
