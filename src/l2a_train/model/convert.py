@@ -182,7 +182,7 @@ def convert_model(base, l2a_cfg, model_cfg=None):
     for key in ("model_type", "architectures", "transformers_version"):
         base_dict.pop(key, None)
     config = CONFIG_BY_FAMILY[model_type](**base_dict, **fields)
-    config.use_cache = False  # no L2A KV cache yet: generate() recomputes the prefix
+    config.use_cache = True  # generate() decodes with an L2ACache (l2a_train.model.cache)
     if model_cfg is not None:
         apply_context_overrides(config, model_cfg)
     model = MODEL_BY_FAMILY[model_type](config).to(base.dtype)

@@ -76,23 +76,28 @@ class L2ADecoderLayer(nn.Module):
             self.global_layernorm = modules.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.router = Router(config.hidden_size)
 
-    def forward(self, x, position_embeddings, layout: DocumentLayout, routing_step: int = 0):
+    def forward(self, x, position_embeddings, layout: DocumentLayout, routing_step: int = 0, cache=None):
         """Returns (hidden, router_terms) with router_terms = float32 [3]:
-        (mean over rows of sum over tokens of p^2, routed fraction, mean p)."""
+        (mean over rows of sum over tokens of p^2, routed fraction, mean p).
+
+        `cache`: this layer's `l2a_train.model.cache.LayerCache` for inference (None in training);
+        the attentions then read and extend it instead of seeing only `x`."""
         cfg = self.config
         cos, sin = position_embeddings
         backend = attn_ops.resolve_backend(cfg.l2a_backend, x.device)
         attn = self.self_attn
 
         q, k, v = project_qkv(attn, self.input_layernorm(x), cos, sin, self.rotary)
-        if self.layer_type == "global":
+        if cache is not None:
+            a = cache.self_attention(q, k, v, layout, attn.scaling, backend)
+        elif self.layer_type == "global":
             a = attn_ops.causal(q, k, v, layout, attn.scaling, backend)
         else:
             a = attn_ops.sliding_window(q, k, v, layout, int(cfg.l2a_window), attn.scaling, backend)
         h = x + attn.o_proj(a.flatten(2))
 
         if self.layer_type == "l2a":
-            h, terms = self._routed_global(h, cos, sin, layout, routing_step, backend)
+            h, terms = self._routed_global(h, cos, sin, layout, routing_step, backend, cache)
         else:
             terms = torch.zeros(3, device=x.device)  # a fill, not a host-to-device copy
             terms[1:] = 1.0 if self.layer_type == "global" else 0.0
@@ -100,11 +105,14 @@ class L2ADecoderLayer(nn.Module):
         out = h + self.mlp(self.post_attention_layernorm(h))
         return out, terms
 
-    def _routed_global(self, h, cos, sin, layout, routing_step, backend):
+    def _routed_global(self, h, cos, sin, layout, routing_step, backend, cache=None):
         cfg = self.config
         u = self.global_layernorm(h)
         if cfg.l2a_routing == "random":
-            gen = torch.Generator(device=h.device).manual_seed(routing_step * 1_000_003 + self.layer_idx)
+            seed = routing_step * 1_000_003 + self.layer_idx
+            if cache is not None and cache.length > h.shape[1]:  # a step after prefill: a fresh draw per position
+                seed += 7_919 * (cache.length - h.shape[1])
+            gen = torch.Generator(device=h.device).manual_seed(seed)
             route = torch.rand(h.shape[:2], generator=gen, device=h.device) < float(cfg.l2a_random_rate)
             p = torch.full(h.shape[:2], float(cfg.l2a_random_rate), device=h.device)
             d = route.float()
@@ -120,7 +128,9 @@ class L2ADecoderLayer(nn.Module):
         dense = cfg.l2a_backend == "dense" or (
             self.training and dense_path_drawn(float(cfg.l2a_p_dense), routing_step, self.layer_idx)
         )
-        if dense:  # every token attends; skipped tokens then get gradient through d
+        if cache is not None:  # inference: skipped tokens' K/V are cached all the same
+            g = cache.global_attention(q, k, v, layout, route, scale, backend, dense=dense)
+        elif dense:  # every token attends; skipped tokens then get gradient through d
             g = attn_ops.causal(q, k, v, layout, scale, backend)
         else:
             g = attn_ops.conditional(q, k, v, layout, route, scale, backend)

@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.qwen2 import modeling_qwen2 as qwen2
 from transformers.models.qwen3 import modeling_qwen3 as qwen3
 
+from .cache import L2ACache, cache_field_name
 from .config import L2AQwen2Config, L2AQwen3Config
 from .documents import DocumentLayout
 from .layer import L2ADecoderLayer, Router
@@ -38,6 +39,9 @@ class L2AModelOutput(BaseModelOutputWithPast):
     router_reg: torch.Tensor | None = None  # R of DESIGN.md section 1 (differentiable scalar)
     routed_fraction: torch.Tensor | None = None  # float32 [num_layers], detached
     mean_prob: torch.Tensor | None = None  # float32 [num_layers], detached
+
+
+CACHE_FIELD = cache_field_name()  # `cache` (transformers 5.24) or `past_key_values` (5.17)
 
 
 class L2AModelMixin:
@@ -72,12 +76,16 @@ class L2AModelMixin:
     ) -> L2AModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if (cache if cache is not None else past_key_values) is not None:
-            raise NotImplementedError("L2A models do not support a KV cache yet; generate with use_cache=False")
         if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padding masks are not supported: pack rows and mark documents with position_ids")
+            raise ValueError(
+                "padding masks are not supported: pack rows and mark documents with position_ids "
+                "(for generate: a batch of prompts of equal length, no padding)"
+            )
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = x.shape[:2]
+        cache = self._inference_cache(cache if cache is not None else past_key_values, use_cache)
+        if cache is not None:
+            position_ids = self._check_cached_positions(cache, position_ids, document_ids, batch, length, x.device)
         if position_ids is None:
             position_ids = torch.arange(length, device=x.device).expand(batch, length)
         if document_ids is not None:
@@ -87,8 +95,10 @@ class L2AModelMixin:
         position_embeddings = self.rotary_emb(x, position_ids)
 
         terms = []
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        for i, layer in enumerate(self.layers):
+            if cache is not None:
+                x, t = layer(x, position_embeddings, layout, self.routing_step, cache=cache.layers[i])
+            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, t = checkpoint(layer, x, position_embeddings, layout, self.routing_step, use_reentrant=False)
             else:
                 x, t = layer(x, position_embeddings, layout, self.routing_step)
@@ -99,13 +109,51 @@ class L2AModelMixin:
             router_reg=terms[:, 0].sum() / len(self.layers),
             routed_fraction=terms[:, 1].detach(),
             mean_prob=terms[:, 2].detach(),
+            **({CACHE_FIELD: cache} if cache is not None and use_cache is not False else {}),
         )
+
+    def _inference_cache(self, cache, use_cache) -> L2ACache | None:
+        """The cache to read and extend: the one passed, a new one for `use_cache=True`, or None.
+
+        An empty cache of another class (e.g. a `DynamicCache()` made by the caller) is replaced
+        by an `L2ACache`; a filled one cannot be used and is refused."""
+        if cache is not None and not isinstance(cache, L2ACache):
+            if not (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
+                raise TypeError(
+                    f"L2A models need an L2ACache (l2a_train.model.cache), got a filled {type(cache).__name__}; "
+                    "pass cache=None with use_cache=True and the model creates one"
+                )
+            cache, use_cache = None, True
+        if cache is None and use_cache:
+            cache = L2ACache(self.config)
+        return cache
+
+    @staticmethod
+    def _check_cached_positions(cache, position_ids, document_ids, batch, length, device):
+        """With a cache every row is one document continuing at the cache's length (no padding,
+        no packing): returns the position ids, made if None, refused if they disagree."""
+        past = cache.get_seq_length()
+        if past and cache.batch_size not in (-1, batch):
+            raise ValueError(f"the cache holds {cache.batch_size} rows, the input has {batch}")
+        expected = (torch.arange(length, device=device) + past).expand(batch, length)
+        if document_ids is not None or (position_ids is not None and not torch.equal(position_ids.to(device), expected)):
+            raise ValueError(
+                f"with a KV cache each row must be one document at consecutive positions continuing at {past} "
+                "(no packed documents, no padding); run packed rows without a cache"
+            )
+        return expected
 
 
 class L2ACausalLMMixin:
     """Causal-LM head on the L2A stack; `forward` (logits, loss, generate) is transformers'."""
 
     _no_split_modules = ["L2ADecoderLayer"]
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """False: generate must not build a DynamicCache; the prefill forward creates the
+        L2ACache (use_cache=True) and generate carries it on (see l2a_train.model.cache)."""
+        return False
 
     def _build_lm(self, config, model_cls):
         self.model = model_cls(config)
