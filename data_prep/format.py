@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +67,13 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_npz(path: Path, **arrays) -> None:
+    """Like np.savez, but byte-identical across runs (np.savez stamps the current time)."""
     part = tmp(path)
-    with open(part, "wb") as handle:  # a file object: np.savez would append ".npz" to a name
-        np.savez(handle, **arrays)
+    with zipfile.ZipFile(part, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
     os.replace(part, path)
 
 

@@ -181,6 +181,12 @@ def _shard_stream(events: Iterator[mixture.Event], shard_tokens: float) -> Itera
         filled += event.est_tokens
 
 
+def _remove_partial(out: Path, name: str) -> None:
+    """Files of an unfinished earlier attempt at this shard (a killed run's temporaries)."""
+    for path in out.glob(f"{name}.*.tmp*"):
+        path.unlink(missing_ok=True)
+
+
 def _finish_shard(out: Path, job: ShardJob, last: bool, fingerprint: str) -> None:
     rows = job.writer.finish()
     marker = {
@@ -210,16 +216,19 @@ def _pack(out: Path, cfg: dict, plan: dict, info, encoder, tokenizer_json: str, 
     chars = 0
 
     def open_job(index: int) -> ShardJob:
-        skip_it = not (first <= index < last) or fmt.marker_path(out, fmt.shard_name(index)).exists()
-        writer = None if skip_it else ShardWriter(out, fmt.shard_name(index), seq_len)
+        name = fmt.shard_name(index)
+        if not (first <= index < last) or fmt.marker_path(out, name).exists():
+            return ShardJob(index, None, SkipCounter(strict=False, announce=False))
+        _remove_partial(out, name)
+        writer = ShardWriter(out, name, seq_len)
         return ShardJob(index, writer, SkipCounter(strict=False, announce=False))
 
     def handle(kind, result, meta) -> None:
         if kind == "mark":  # every document of shard `meta[0]` is packed
             index, is_last = meta
-            job = jobs.pop(index)
-            if job.writer is not None:
-                _finish_shard(out, job, is_last, plan["fingerprint"])
+            if jobs[index].writer is not None:
+                _finish_shard(out, jobs[index], is_last, plan["fingerprint"])
+            del jobs[index]
             return
         for ids, (index, doc, source, domain, ref) in zip(result, meta):
             job = jobs[index]
@@ -299,6 +308,8 @@ def _finalize(out: Path, cfg: dict, plan: dict, info: tokenizer.TokenizerInfo, w
     if stale:
         raise UserError(f"{out}: shards {', '.join(stale)} come from another prep plan; rerun with overwrite=true")
     names = [m["shard"] for m in markers]
+    _remove_partial(out, fmt.TAIL)
+    _remove_partial(out, "manifest")
     tail_rows, pad_tokens = pack_tail(out, names, cfg["seq_len"], info.pad_token_id)
     skips = SkipCounter(strict=False, announce=False)
     sources_stats: dict[str, dict] = {}
@@ -382,6 +393,9 @@ def prepare(cfg: dict, progress_factory=None) -> dict | None:
     finally:
         bar.close()
     manifest = _finalize(out, cfg, plan, info, weights)
+    if manifest is not None and manifest["documents"] == 0:
+        skipped = ", ".join(f"{r}: {n}" for r, n in manifest["skipped"].items()) or "none"
+        raise UserError(f"no documents left to pack from the sources (skipped {skipped}); check the inputs and filters")
     if manifest is None:
         log.info("shards %s done; the manifest is written once every shard of %s is", cfg["shards"]["range"], out)
     return manifest

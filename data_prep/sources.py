@@ -47,7 +47,8 @@ def expand_paths(spec: dict, name: str, suffixes: tuple[str, ...]) -> list[Path]
         pattern = os.path.expanduser(str(pattern))
         path = Path(pattern)
         if path.is_dir():
-            files.update(p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffixes))
+            # Broken links are kept: reading them fails and is counted, never silently dropped.
+            files.update(p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and p.name.endswith(suffixes))
         elif path.is_file():
             files.add(path)
         elif globlib.has_magic(pattern):
@@ -73,35 +74,40 @@ def _text_checks(text, ref: str, field: str) -> Record:
     return Doc(text, ref)
 
 
+def _jsonl_record(raw: bytes, ref: str, field: str) -> Record:
+    if not raw.strip():
+        return Skip("empty_document", ref, "blank line")
+    try:
+        line = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as err:
+        return Skip("invalid_utf8", ref, f"byte {err.start} of the line is not UTF-8")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        return Skip("malformed_json", ref, f"invalid JSON ({err.msg} at column {err.colno})")
+    if not isinstance(obj, dict):
+        return Skip("malformed_json", ref, f"a JSON {type(obj).__name__}, not an object")
+    return _text_checks(obj.get(field), ref, field)
+
+
 def read_jsonl(spec: dict, name: str) -> Iterator[Record]:
     field = spec["text_field"]
     for path in expand_paths(spec, name, (".jsonl", ".jsonl.gz", ".json", ".json.gz")):
         opener = gzip.open if path.name.endswith(".gz") else open
-        line_no = 0
+        # One line of look-ahead: a line is used only once the next read succeeded, so the
+        # cut-off last line of a damaged file counts under unreadable_file, not as bad JSON.
+        pending: tuple[int, bytes] | None = None
         try:
             with opener(path, "rb") as handle:
                 for line_no, raw in enumerate(handle, start=1):
-                    ref = f"{path}:{line_no}"
-                    if not raw.strip():
-                        yield Skip("empty_document", ref, "blank line")
-                        continue
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError as err:
-                        yield Skip("invalid_utf8", ref, f"byte {err.start} of the line is not UTF-8")
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        yield Skip("malformed_json", ref, f"invalid JSON ({err.msg} at column {err.colno})")
-                        continue
-                    if not isinstance(obj, dict):
-                        yield Skip("malformed_json", ref, f"a JSON {type(obj).__name__}, not an object")
-                        continue
-                    yield _text_checks(obj.get(field), ref, field)
+                    if pending is not None:
+                        yield _jsonl_record(pending[1], f"{path}:{pending[0]}", field)
+                    pending = (line_no, raw)
+            if pending is not None:
+                yield _jsonl_record(pending[1], f"{path}:{pending[0]}", field)
         except (OSError, EOFError, zlib.error) as err:
-            where = f"{path}:{line_no + 1}" if line_no else str(path)
-            yield Skip("unreadable_file", where, f"cannot read the file ({type(err).__name__}: {err})")
+            where = f"{path}:{pending[0]}" if pending else str(path)
+            yield Skip("unreadable_file", where, f"cannot read the file from here on ({type(err).__name__}: {err})")
 
 
 def read_parquet(spec: dict, name: str) -> Iterator[Record]:

@@ -133,8 +133,8 @@ class Encoder:
     """Text -> int32 token ids of a framed document: [BOS] text EOS."""
 
     def __init__(self, tokenizer_json: str, bos_id: int | None, eos_id: int, add_bos: bool, threads: bool):
-        # Rust-side parallelism only where asked: worker processes each use one thread.
-        os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads else "false"
+        if not threads:  # worker processes: one Rust thread each (the parent's setting is the user's)
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
