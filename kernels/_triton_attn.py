@@ -1,0 +1,467 @@
+"""Triton kernels: query-sparse (compacted) causal attention with documents, native GQA and an
+optional sliding window. Pure-PyTorch ground truth: l2a_kernels.reference.
+
+Layout. q [T, HQ, D], k/v [T, H, D], G = HQ // H. A program never copies K/V per query head:
+for KV head `kvh` it owns a block of BLOCK_M "rows", where row r of the group is
+(compact token c = r // G, query head kvh * G + r % G). The G query heads of a token are
+adjacent rows, so one K/V tile serves all of them. Compact token c sits at position POS[c]
+(stable order, so positions increase with r); with COMPACT=False POS is the identity (SWA).
+
+Key bounds of a row block (first row at p0 in document starting d0, last at p1 in d1):
+keys [max(d0, p0-W+1), p1] are touched; keys [max(d1, p1-W+1), p0] are visible to every row,
+so that span runs without masks in whole BLOCK_N steps and only the two ends are masked.
+The dK/dV kernel does the transpose: for a key block [n0, n_last] it binary-searches the
+compact rows that can see it (pos >= n0, pos < doc_end(n_last), pos < n_last + W) and the
+rows that see all of it (pos >= n_last, pos < doc_end(n0), pos < n0 + W).
+
+Softmax runs in base 2 (scale * log2(e) folded into the scores); LSE is saved per row in
+those units, [num_compact, HQ] float32, for the backward. delta = rowsum(dO * O) is computed
+by the dQ kernel (which loads O and dO anyway) and then read by the dK/dV kernel.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, so this module must be imported
+(or reloaded, see ops._kernels) after the variable is set; INTERPRETED records the mode.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _lower_bound(ptr, n, value, COMPACT: tl.constexpr):
+    """First index i in [0, n] with ptr[i] >= value (ptr ascending); identity if not COMPACT."""
+    if COMPACT:
+        lo = tl.zeros([], dtype=tl.int32)
+        hi = tl.zeros([], dtype=tl.int32) + n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lt = tl.load(ptr + mid) < value
+            lo = tl.where(lt, mid + 1, lo)
+            hi = tl.where(lt, hi, mid)
+        return lo
+    else:
+        return tl.minimum(tl.maximum(value, 0), n)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, qpos, qdoc, K, V, stride_kt, stride_vt, start, end, qk_scale, window,
+               D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    for start_n in range(start, end, BLOCK_N):
+        kpos = start_n + offs_n
+        if MASK:
+            in_span = kpos < end  # the span's last block may run into the next span: exclude it
+            k = tl.load(K + kpos[:, None] * stride_kt + offs_d[None, :], mask=in_span[:, None], other=0.0)
+            v = tl.load(V + kpos[:, None] * stride_vt + offs_d[None, :], mask=in_span[:, None], other=0.0)
+        else:
+            k = tl.load(K + kpos[:, None] * stride_kt + offs_d[None, :])
+            v = tl.load(V + kpos[:, None] * stride_vt + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if MASK:
+            vis = in_span[None, :] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= qdoc[:, None])
+            if HAS_WINDOW:
+                vis = vis & (kpos[None, :] > qpos[:, None] - window)
+            s = tl.where(vis, s, float("-inf"))
+        # m_i starts finite (-1e30), so a row that has seen only masked keys gets p = 0, not NaN
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _row_block_bounds(POS, DOCSTART, row0, n_rows, window,
+                      G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key spans of a row block: masked [lo, mid_s), unmasked [mid_s, mid_e), masked [mid_e, hi)."""
+    c_first = row0 // G
+    c_last = (tl.minimum(row0 + BLOCK_M, n_rows) - 1) // G
+    if COMPACT:
+        p0 = tl.load(POS + c_first)
+        p1 = tl.load(POS + c_last)
+    else:
+        p0 = c_first
+        p1 = c_last
+    lo = tl.load(DOCSTART + p0)
+    full_lo = tl.load(DOCSTART + p1)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, p0 - window + 1)
+        full_lo = tl.maximum(full_lo, p1 - window + 1)
+    hi = p1 + 1
+    n_full = tl.maximum(p0 + 1 - full_lo, 0) // BLOCK_N
+    mid_s = tl.where(n_full > 0, full_lo, hi)
+    mid_e = tl.where(n_full > 0, full_lo + n_full * BLOCK_N, hi)
+    return lo, mid_s, mid_e, hi
+
+
+@triton.jit
+def _row_block_rows(POS, DOCSTART, row0, n_rows, kvh,
+                    G: tl.constexpr, BLOCK_M: tl.constexpr, COMPACT: tl.constexpr):
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    rows = tl.minimum(rows, n_rows - 1)  # padded rows repeat the last row; never stored
+    c = rows // G
+    hq = kvh * G + rows % G
+    if COMPACT:
+        qpos = tl.load(POS + c)
+    else:
+        qpos = c
+    qdoc = tl.load(DOCSTART + qpos)
+    return row_ok, c, hq, qpos, qdoc
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, POS, DOCSTART,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                n_rows, HQ, window, qk_scale,
+                G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+    # grid (H, row blocks): heaviest blocks (latest positions) of every head first, better tail
+    kvh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    row0 = pid_m * BLOCK_M
+    row_ok, c, hq, qpos, qdoc = _row_block_rows(POS, DOCSTART, row0, n_rows, kvh, G, BLOCK_M, COMPACT)
+    offs_d = tl.arange(0, D)
+    tok = qpos.to(tl.int64)
+    q = tl.load(Q + tok[:, None] * stride_qt + hq[:, None] * stride_qh + offs_d[None, :])
+    lo, mid_s, mid_e, hi = _row_block_bounds(POS, DOCSTART, row0, n_rows, window,
+                                             G, BLOCK_M, BLOCK_N, COMPACT, HAS_WINDOW)
+    K += kvh * stride_kh
+    V += kvh * stride_vh
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qpos, qdoc, K, V, stride_kt, stride_vt, mid_s, mid_e,
+                               qk_scale, window, D, BLOCK_N, False, HAS_WINDOW, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qpos, qdoc, K, V, stride_kt, stride_vt, lo, mid_s,
+                               qk_scale, window, D, BLOCK_N, True, HAS_WINDOW, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qpos, qdoc, K, V, stride_kt, stride_vt, mid_e, hi,
+                               qk_scale, window, D, BLOCK_N, True, HAS_WINDOW, DOT_PREC)
+    acc = acc / l_i[:, None]
+    tl.store(O + tok[:, None] * stride_ot + hq[:, None] * stride_oh + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + c * HQ + hq, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- backward: dQ
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, qpos, qdoc, K, V, stride_kt, stride_vt, start, end, qk_scale, window,
+              D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    for start_n in range(start, end, BLOCK_N):
+        kpos = start_n + offs_n
+        if MASK:
+            in_span = kpos < end
+            k = tl.load(K + kpos[:, None] * stride_kt + offs_d[None, :], mask=in_span[:, None], other=0.0)
+            v = tl.load(V + kpos[:, None] * stride_vt + offs_d[None, :], mask=in_span[:, None], other=0.0)
+        else:
+            k = tl.load(K + kpos[:, None] * stride_kt + offs_d[None, :])
+            v = tl.load(V + kpos[:, None] * stride_vt + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASK:
+            vis = in_span[None, :] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= qdoc[:, None])
+            if HAS_WINDOW:
+                vis = vis & (kpos[None, :] > qpos[:, None] - window)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, POS, DOCSTART,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                   stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+                   n_rows, HQ, window, qk_scale, sm_scale,
+                   G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+    kvh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    row0 = pid_m * BLOCK_M
+    row_ok, c, hq, qpos, qdoc = _row_block_rows(POS, DOCSTART, row0, n_rows, kvh, G, BLOCK_M, COMPACT)
+    offs_d = tl.arange(0, D)
+    tok = qpos.to(tl.int64)
+    q = tl.load(Q + tok[:, None] * stride_qt + hq[:, None] * stride_qh + offs_d[None, :])
+    do = tl.load(DO + tok[:, None] * stride_dot + hq[:, None] * stride_doh + offs_d[None, :])
+    o = tl.load(O + tok[:, None] * stride_ot + hq[:, None] * stride_oh + offs_d[None, :])
+    # fused preprocess: delta = rowsum(dO * O), kept for the dK/dV kernel
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + c * HQ + hq, delta, mask=row_ok)
+    lse = tl.load(LSE + c * HQ + hq)
+    lo, mid_s, mid_e, hi = _row_block_bounds(POS, DOCSTART, row0, n_rows, window,
+                                             G, BLOCK_M, BLOCK_N, COMPACT, HAS_WINDOW)
+    K += kvh * stride_kh
+    V += kvh * stride_vh
+    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    dq = _dq_inner(dq, q, do, lse, delta, qpos, qdoc, K, V, stride_kt, stride_vt, mid_s, mid_e, qk_scale,
+                   window, D, BLOCK_N, False, HAS_WINDOW, DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse, delta, qpos, qdoc, K, V, stride_kt, stride_vt, lo, mid_s, qk_scale,
+                   window, D, BLOCK_N, True, HAS_WINDOW, DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse, delta, qpos, qdoc, K, V, stride_kt, stride_vt, mid_e, hi, qk_scale,
+                   window, D, BLOCK_N, True, HAS_WINDOW, DOT_PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + tok[:, None] * stride_dqt + hq[:, None] * stride_dqh + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------- backward: dK, dV
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC,
+                stride_qct, stride_qch, stride_dct, stride_dch,
+                start, end, kvh, HQ, qk_scale, window,
+                G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
+                COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+                DQ_ATOMIC: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        if MASK:
+            row_ok = rows < end  # rows past the span belong to the next span: exclude them
+            rows = tl.minimum(rows, end - 1)
+        c = rows // G
+        hq = kvh * G + rows % G
+        c64 = c.to(tl.int64)
+        q = tl.load(QC + c64[:, None] * stride_qct + hq[:, None] * stride_qch + offs_d[None, :])
+        do = tl.load(DOC + c64[:, None] * stride_dct + hq[:, None] * stride_dch + offs_d[None, :])
+        lse = tl.load(LSE + c * HQ + hq)
+        delta = tl.load(DELTA + c * HQ + hq)
+        # transposed problem: keys are rows of sT [BLOCK_N, BLOCK_M]
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+        pT = tl.math.exp2(sT - lse[None, :])
+        if MASK:
+            if COMPACT:
+                qpos = tl.load(POS + c)
+            else:
+                qpos = c
+            qdoc = tl.load(DOCSTART + qpos)
+            vis = row_ok[None, :] & (kpos[:, None] <= qpos[None, :]) & (kpos[:, None] >= qdoc[None, :])
+            if HAS_WINDOW:
+                vis = vis & (kpos[:, None] > qpos[None, :] - window)
+            pT = tl.where(vis, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dsT, q, dk, input_precision=DOT_PREC)
+        if DQ_ATOMIC:
+            # dQ rows of this tile, summed over key blocks in float32 (unscaled, [N, HQ, D])
+            dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC)
+            dq_ptrs = DQACC + (c64[:, None] * HQ + hq[:, None]) * D + offs_d[None, :]
+            if MASK:
+                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(QC, K, V, DOC, DK, DV, LSE, DELTA, POS, DOCSTART, DOCEND, DQACC,
+                     stride_qct, stride_qch, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_dct, stride_dch, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                     n_comp, T, HQ, window, qk_scale, sm_scale,
+                     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+                     DQ_ATOMIC: tl.constexpr):
+    # grid (H, key blocks): early key blocks are seen by the most rows, so they start first
+    kvh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    kpos = n0 + tl.arange(0, BLOCK_N)
+    key_ok = kpos < T
+    n_last = tl.minimum(n0 + BLOCK_N, T) - 1
+    offs_d = tl.arange(0, D)
+    k = tl.load(K + kvh * stride_kh + kpos[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + kvh * stride_vh + kpos[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    # compact tokens that see some key of the block, and those that see all of it
+    vis_end = tl.load(DOCEND + n_last)
+    full_end = tl.load(DOCEND + n0)
+    if HAS_WINDOW:
+        vis_end = tl.minimum(vis_end, n_last + window)
+        full_end = tl.minimum(full_end, n0 + window)
+    row_lo = _lower_bound(POS, n_comp, n0, COMPACT) * G
+    row_hi = _lower_bound(POS, n_comp, vis_end, COMPACT) * G
+    full_lo = _lower_bound(POS, n_comp, n_last, COMPACT) * G
+    full_hi = _lower_bound(POS, n_comp, full_end, COMPACT) * G
+    n_full = tl.maximum(full_hi - full_lo, 0) // BLOCK_M
+    mid_s = tl.where(n_full > 0, full_lo, row_hi)
+    mid_e = tl.where(n_full > 0, full_lo + n_full * BLOCK_M, row_hi)
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC,
+                         stride_qct, stride_qch, stride_dct, stride_dch, mid_s, mid_e, kvh, HQ, qk_scale,
+                         window, G, D, BLOCK_M, False, COMPACT, HAS_WINDOW, DOT_PREC, DQ_ATOMIC)
+    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC,
+                         stride_qct, stride_qch, stride_dct, stride_dch, row_lo, mid_s, kvh, HQ, qk_scale,
+                         window, G, D, BLOCK_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_ATOMIC)
+    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC,
+                         stride_qct, stride_qch, stride_dct, stride_dch, mid_e, row_hi, kvh, HQ, qk_scale,
+                         window, G, D, BLOCK_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_ATOMIC)
+    dk = dk * sm_scale
+    tl.store(DK + kvh * stride_dkh + kpos[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + kvh * stride_dvh + kpos[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+# ----------------------------------------------------------------------------- backward: delta
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, POS, stride_ot, stride_oh, stride_dot, stride_doh, n_rows, HQ,
+                  D: tl.constexpr, BLOCK: tl.constexpr, COMPACT: tl.constexpr):
+    """delta[c, h] = rowsum(dO * O) over routed rows (only for the atomic-dQ backward)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < n_rows
+    rows = tl.minimum(rows, n_rows - 1)
+    c = rows // HQ
+    h = rows % HQ
+    if COMPACT:
+        tok = tl.load(POS + c).to(tl.int64)
+    else:
+        tok = c.to(tl.int64)
+    offs_d = tl.arange(0, D)
+    o = tl.load(O + tok[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :]).to(tl.float32)
+    do = tl.load(DO + tok[:, None] * stride_dot + h[:, None] * stride_doh + offs_d[None, :]).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=ok)
+
+
+# ----------------------------------------------------------------------------- launch configs
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, for H100/H200 (sm_90).
+# BLOCK_M counts rows = (token, query head) pairs. "dkdv_atomic" is the dK/dV kernel that also
+# accumulates dQ with float32 atomics (5 matrix products per tile instead of 3 + 4 with the
+# separate dQ kernel); DQ_ATOMIC picks the backward per head dim. Chosen by
+# `python -m l2a_kernels.bench --tune` (docs/BENCHMARKS.md). The interpreter uses small blocks
+# so that the CPU tests cross many block edges.
+CONFIGS = {
+    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
+    "dq": {64: (128, 64, 4, 3), 128: (128, 64, 8, 2)},
+    "dkdv": {64: (64, 128, 4, 3), 128: (64, 128, 8, 2)},
+    "dkdv_atomic": {64: (64, 128, 4, 2), 128: (32, 128, 8, 2)},
+}
+DQ_ATOMIC = {64: False, 128: False}
+INTERPRET_CONFIG = (16, 16, 1, 1)
+
+
+def _key(D: int) -> int:
+    return 64 if D <= 64 else 128
+
+
+def _config(kind: str, D: int):
+    return INTERPRET_CONFIG if INTERPRETED else CONFIGS[kind][_key(D)]
+
+
+def _common(q, window, scale):
+    D = q.shape[-1]
+    has_window = window is not None
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    return dict(D=D, HAS_WINDOW=has_window, DOT_PREC=dot_prec), (window if has_window else 0), scale * LOG2E
+
+
+def forward(q, k, v, pos, docstart, window, scale):
+    """Returns out [T, HQ, D] (zeros on unrouted rows) and lse [N, HQ] float32 (base 2).
+
+    pos: int32 [N] sorted routed positions, or None for all tokens (no compaction).
+    docstart: int32 [T]. window: int or None.
+    """
+    T, HQ, D = q.shape
+    H = k.shape[1]
+    G = HQ // H
+    compact = pos is not None
+    n = pos.numel() if compact else T
+    out = torch.zeros_like(q) if compact else torch.empty_like(q)
+    lse = torch.empty((n, HQ), device=q.device, dtype=torch.float32)
+    if n == 0:
+        return out, lse
+    const, window_arg, qk_scale = _common(q, window, scale)
+    BM, BN, warps, stages = _config("fwd", D)
+    n_rows = n * G
+    _fwd_kernel[(H, triton.cdiv(n_rows, BM))](
+        q, k, v, out, lse, pos if compact else docstart, docstart,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        n_rows, HQ, window_arg, qk_scale,
+        G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, num_warps=warps, num_stages=stages, **const,
+    )
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, pos, docstart, docend, window, scale, dq_atomic=None):
+    """Returns dq, dk, dv for forward(...) above; dq is zero on unrouted rows."""
+    T, HQ, D = q.shape
+    H = k.shape[1]
+    G = HQ // H
+    compact = pos is not None
+    n = pos.numel() if compact else T
+    if n == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    const, window_arg, qk_scale = _common(q, window, scale)
+    delta = torch.empty_like(lse)
+    pos_arg = pos if compact else docstart
+    n_rows = n * G
+    if dq_atomic is None:
+        dq_atomic = DQ_ATOMIC[_key(D)]
+
+    if dq_atomic:
+        _delta_kernel[(triton.cdiv(n * HQ, 64),)](
+            out, do, delta, pos_arg, out.stride(0), out.stride(1), do.stride(0), do.stride(1), n * HQ, HQ,
+            D=D, BLOCK=64, COMPACT=compact, num_warps=4,
+        )
+        dq_acc = torch.zeros((n, HQ, D), device=q.device, dtype=torch.float32)
+    else:
+        dq = torch.zeros_like(q) if compact else torch.empty_like(q)
+        BM, BN, warps, stages = _config("dq", D)
+        _bwd_dq_kernel[(H, triton.cdiv(n_rows, BM))](
+            q, k, v, out, do, dq, lse, delta, pos_arg, docstart,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+            n_rows, HQ, window_arg, qk_scale, scale,
+            G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, num_warps=warps, num_stages=stages, **const,
+        )
+        dq_acc = delta  # unused pointer
+    # the dK/dV loop reads query rows many times: gather them once into dense compact buffers
+    qc = q.index_select(0, pos) if compact else q
+    doc = do.index_select(0, pos) if compact else do
+    BM, BN, warps, stages = _config("dkdv_atomic" if dq_atomic else "dkdv", D)
+    _bwd_dkdv_kernel[(H, triton.cdiv(T, BN))](
+        qc, k, v, doc, dk, dv, lse, delta, pos_arg, docstart, docend, dq_acc,
+        qc.stride(0), qc.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        doc.stride(0), doc.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        n, T, HQ, window_arg, qk_scale, scale,
+        G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, DQ_ATOMIC=dq_atomic,
+        num_warps=warps, num_stages=stages, **const,
+    )
+    if dq_atomic:
+        dq_c = (dq_acc * scale).to(q.dtype)
+        if compact:
+            dq = torch.zeros_like(q).index_copy_(0, pos.long(), dq_c)
+        else:
+            dq = dq_c
+    return dq, dk, dv

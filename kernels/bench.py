@@ -1,0 +1,368 @@
+"""Benchmark: python -m l2a_kernels.bench [--lengths 32768,65536] [--shapes 28/4/128] [--tune] ...
+
+Prints one markdown table: for each head shape (HQ/H/D) and length, forward and forward+backward
+times of torch SDPA causal (cuDNN and FlashAttention backends, K/V expanded to HQ heads outside
+the timed region), sliding_window_attention (W=4096), conditional_attention and the whole L2A
+attention (SWA + compaction + conditional, separate q/k/v as in the layer) at each routed
+fraction (tokens chosen uniformly at random), with ratios to cuDNN. bf16, one document.
+
+--tune first times a few launch configs per kernel at one size and installs the fastest for the
+rest of the run (copy the printed table into _triton_attn.CONFIGS). --check compares the chosen
+kernels with the float32 reference on the GPU before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import ops, reference
+from .ops import conditional_attention, sliding_window_attention
+
+
+DTYPE = torch.bfloat16
+DEV = "cuda"  # "cpu" only for a smoke test of this script under TRITON_INTERPRET=1
+
+
+def _sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timer(fn, budget_ms=400.0, min_reps=3, max_reps=20):
+    """Median milliseconds of fn() after two warm-up calls; reps chosen from the warm-up time."""
+    fn()  # the first call may include compilation
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    est = (time.perf_counter() - t0) * 1e3
+    reps = int(min(max_reps, max(min_reps, budget_ms // max(est, 1e-3))))
+    times = []
+    for _ in range(reps):
+        if DEV == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _inputs(T, HQ, H, D, dtype=None, grad=True):
+    dtype, device = dtype or DTYPE, DEV
+    q = torch.randn(T, HQ, D, device=device, dtype=dtype, requires_grad=grad)
+    k = torch.randn(T, H, D, device=device, dtype=dtype, requires_grad=grad)
+    v = torch.randn(T, H, D, device=device, dtype=dtype, requires_grad=grad)
+    return q, k, v
+
+
+def _route(T, frac):
+    device = DEV
+    n = int(round(frac * T))
+    route = torch.zeros(T, dtype=torch.bool, device=device)
+    route[torch.randperm(T, device=device)[:n]] = True
+    return route
+
+
+def _fwd_and_fwdbwd(f, inputs, dout):
+    """(fwd-only callable, fwd+bwd callable) for out = f(*inputs)."""
+
+    def fwd():
+        with torch.no_grad():
+            f(*inputs)
+
+    def fwdbwd():
+        out = f(*inputs)
+        torch.autograd.grad(out, inputs, dout)
+
+    return fwd, fwdbwd
+
+
+def _time_pair(f, inputs, dout, budget_ms):
+    fwd, fwdbwd = _fwd_and_fwdbwd(f, inputs, dout)
+    return _timer(fwd, budget_ms), _timer(fwdbwd, budget_ms)
+
+
+def _sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+
+    def f(q, k, v):
+        with sdpa_kernel([be]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return f
+
+
+def bench_shape(HQ, H, D, T, fractions, window, budget_ms, baselines=True, flex=False):
+    rows = []
+    dev = DEV
+    dout = torch.randn(T, HQ, D, device=dev, dtype=DTYPE)
+
+    def add(op, frac, times):
+        rows.append(dict(shape=f"{HQ}/{H}/{D}", T=T, op=op, frac=frac, fwd=times[0], fwdbwd=times[1]))
+        print(f"  {HQ}/{H}/{D} T={T} {op} {frac} fwd {times[0]:.2f} ms  fwd+bwd {times[1]:.2f} ms", file=sys.stderr)
+
+    if baselines:
+        # SDPA layout [1, HQ, T, D]; K/V expanded to HQ heads outside the timed region
+        qs = torch.randn(1, HQ, T, D, device=dev, dtype=DTYPE, requires_grad=True)
+        ks = torch.randn(1, HQ, T, D, device=dev, dtype=DTYPE, requires_grad=True)
+        vs = torch.randn(1, HQ, T, D, device=dev, dtype=DTYPE, requires_grad=True)
+        ds = torch.randn(1, HQ, T, D, device=dev, dtype=DTYPE)
+        for name in ("cudnn", "flash"):
+            try:
+                add(f"SDPA causal {name}", "", _time_pair(_sdpa(name), (qs, ks, vs), ds, budget_ms))
+            except Exception as e:  # backend missing on this build/GPU: report, keep going
+                print(f"  SDPA {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                rows.append(dict(shape=f"{HQ}/{H}/{D}", T=T, op=f"SDPA causal {name}", frac="", fwd=None, fwdbwd=None))
+        del qs, ks, vs, ds
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+
+    swa_in = _inputs(T, HQ, H, D)
+    add(f"SWA W={window}", "", _time_pair(lambda q, k, v: sliding_window_attention(q, k, v, window), swa_in, dout,
+                                          budget_ms))
+    if flex:
+        add(f"SWA W={window} (FlexAttention)", "", _time_pair(_flex_swa(T, HQ, H, window), swa_in, dout, budget_ms))
+    glob_in = _inputs(T, HQ, H, D)
+    for frac in fractions:
+        route = _route(T, frac)
+        add("conditional", frac, _time_pair(lambda q, k, v: conditional_attention(q, k, v, route), glob_in, dout,
+                                            budget_ms))
+
+        def l2a(q1, k1, v1, q2, k2, v2):
+            return sliding_window_attention(q1, k1, v1, window) + conditional_attention(q2, k2, v2, route)
+
+        add("L2A (SWA + conditional)", frac, _time_pair(l2a, swa_in + glob_in, dout, budget_ms))
+    return rows
+
+
+def _flex_swa(T, HQ, H, window):
+    """FlexAttention SWA with a document mask (one document here), compiled; the block mask is
+    rebuilt inside the timed call, as it would be for every new packing."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    doc = torch.zeros(T, dtype=torch.int32, device="cuda")
+
+    def mask_mod(b, h, qi, ki):
+        return (ki <= qi) & (qi - ki < window) & (doc[qi] == doc[ki])
+
+    def f(q, k, v):
+        bm = create_block_mask(mask_mod, None, None, T, T, device="cuda")
+        o = flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=bm,
+                 enable_gqa=True)
+        return o[0].transpose(0, 1)
+
+    return f
+
+
+def format_table(rows):
+    base = {}
+    for r in rows:
+        if r["op"] == "SDPA causal cudnn":
+            base[(r["shape"], r["T"])] = r
+    out = ["| HQ/H/D | T | op | routed | fwd ms | fwd / cuDNN | fwd+bwd ms | fwd+bwd / cuDNN |",
+           "|---|---|---|---|---|---|---|---|"]
+
+    def fmt(x, nd=2):
+        return "n/a" if x is None else f"{x:.{nd}f}"
+
+    for r in rows:
+        b = base.get((r["shape"], r["T"]))
+        rf = r["fwd"] / b["fwd"] if b and b["fwd"] and r["fwd"] else None
+        rb = r["fwdbwd"] / b["fwdbwd"] if b and b["fwdbwd"] and r["fwdbwd"] else None
+        tk = f"{r['T'] // 1024}K" if r["T"] % 1024 == 0 else str(r["T"])
+        out.append(f"| {r['shape']} | {tk} | {r['op']} | {r['frac']} | {fmt(r['fwd'])} | {fmt(rf, 3)} | "
+                   f"{fmt(r['fwdbwd'])} | {fmt(rb, 3)} |")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- tuning
+
+TUNE_SPACE = {
+    128: {
+        "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)],
+        "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2)],
+        "dkdv": [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 2), (32, 128, 8, 2)],
+        "dkdv_atomic": [(32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2)],
+    },
+    64: {
+        "fwd": [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)],
+        "dq": [(128, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+        "dkdv": [(64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2)],
+        "dkdv_atomic": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2)],
+    },
+}
+
+
+def tune(HQ, H, D, T, frac, budget_ms=150.0):
+    """Coordinate search over TUNE_SPACE[D] at one size; installs and returns the winners."""
+    kern = ops._kernels()
+    key = kern._key(D)
+    q, k, v = _inputs(T, HQ, H, D, grad=False)
+    route = _route(T, frac)
+    pos = torch.nonzero(route).squeeze(1).to(torch.int32)
+    docstart, docend = ops._doc_bounds(None, T, q.device)
+    scale = 1.0 / math.sqrt(D)
+    do = torch.randn_like(q)
+    results = {}
+
+    def measure(kind, cfg, fn):
+        old = kern.CONFIGS[kind][key]
+        kern.CONFIGS[kind][key] = cfg
+        try:
+            t = _timer(fn, budget_ms)
+        except Exception as e:  # e.g. out of shared memory for this config
+            print(f"  tune {kind} {cfg}: {type(e).__name__}", file=sys.stderr)
+            t = float("inf")
+        kern.CONFIGS[kind][key] = old
+        results.setdefault(kind, []).append((cfg, t))
+        print(f"  tune D={D} {kind} {cfg}: {t:.3f} ms", file=sys.stderr)
+        return t
+
+    def best(kind):
+        cfg, t = min(results[kind], key=lambda x: x[1])
+        kern.CONFIGS[kind][key] = cfg
+        return t
+
+    space = TUNE_SPACE[key]
+    for cfg in space["fwd"]:
+        measure("fwd", cfg, lambda: kern.forward(q, k, v, pos, docstart, None, scale))
+    best("fwd")
+    out, lse = kern.forward(q, k, v, pos, docstart, None, scale)
+
+    def bwd(atomic):
+        return lambda: kern.backward(do, q, k, v, out, lse, pos, docstart, docend, None, scale, dq_atomic=atomic)
+
+    for cfg in space["dq"]:
+        measure("dq", cfg, bwd(False))
+    best("dq")
+    for cfg in space["dkdv"]:
+        measure("dkdv", cfg, bwd(False))
+    t_split = best("dkdv")
+    for cfg in space["dkdv_atomic"]:
+        measure("dkdv_atomic", cfg, bwd(True))
+    t_atomic = best("dkdv_atomic")
+    kern.DQ_ATOMIC[key] = t_atomic < t_split
+    chosen = {kind: kern.CONFIGS[kind][key] for kind in ("fwd", "dq", "dkdv", "dkdv_atomic")}
+    chosen["DQ_ATOMIC"] = kern.DQ_ATOMIC[key]
+    print(f"  tuned D={D}: {chosen} (backward split {t_split:.2f} ms, atomic {t_atomic:.2f} ms)", file=sys.stderr)
+    return chosen, results
+
+
+# ----------------------------------------------------------------------------- GPU check
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def check(HQ, H, D, T=8192, frac=0.2, window=1024):
+    """Kernel vs float32 reference, bf16 inputs, 3 documents; also the bf16 PyTorch error."""
+    torch.manual_seed(0)
+    cu = torch.tensor([0, T // 3, T // 3 + T // 10 + 1, T], dtype=torch.int32, device=DEV)
+    q, k, v = _inputs(T, HQ, H, D)
+    do = torch.randn_like(q)
+    route = _route(T, frac)
+    lines = []
+    cases = [
+        ("conditional", lambda *a: conditional_attention(*a, route, cu_seqlens=cu),
+         lambda *a: reference.conditional_attention(*a, route, cu_seqlens=cu),
+         lambda *a: reference._attention(*a, torch.nonzero(route).squeeze(1), cu, None, None, DTYPE)),
+        ("swa", lambda *a: sliding_window_attention(*a, window, cu_seqlens=cu),
+         lambda *a: reference.sliding_window_attention(*a, window, cu_seqlens=cu),
+         lambda *a: reference._attention(*a, torch.arange(T, device=DEV), cu, window, None, DTYPE)),
+    ]
+    ok = True
+    for name, fk, fr, flow in cases:
+        o = fk(q, k, v)
+        g = torch.autograd.grad(o, (q, k, v), do)
+        x32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        o32 = fr(*x32)
+        g32 = torch.autograd.grad(o32, x32, do.float())
+        ol = flow(q, k, v)
+        gl = torch.autograd.grad(ol, (q, k, v), do)
+        errs = [(_rel(a, b), _rel(c, b)) for a, b, c in zip((o,) + g, (o32,) + g32, (ol,) + gl)]
+        bad = any(not math.isfinite(e) or e > 4 * max(el, 2e-3) for e, el in errs)
+        ok &= not bad
+        lines.append(f"check {HQ}/{H}/{D} {name}: " + ", ".join(
+            f"{n} {e:.2e} (bf16 torch {el:.2e})" for n, (e, el) in zip(("out", "dq", "dk", "dv"), errs))
+            + (" FAIL" if bad else " ok"))
+    return ok, lines
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="32768,65536,131072")
+    p.add_argument("--shapes", default="28/4/128,14/2/64", help="HQ/H/D list")
+    p.add_argument("--fractions", default="0.1,0.2,0.5")
+    p.add_argument("--window", type=int, default=4096)
+    p.add_argument("--budget-ms", type=float, default=400.0, help="time spent per measurement")
+    p.add_argument("--no-baselines", action="store_true", help="skip SDPA cuDNN / FlashAttention")
+    p.add_argument("--flex", action="store_true", help="also time FlexAttention SWA (compiles)")
+    p.add_argument("--tune", action="store_true", help="tune launch configs first (at --tune-length)")
+    p.add_argument("--tune-length", type=int, default=65536)
+    p.add_argument("--check", action="store_true", help="check kernels against the reference first")
+    p.add_argument("--json", default=None, help="write rows (and tuning results) to this file")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("l2a_kernels.bench needs a CUDA GPU")
+    import triton
+
+    lengths = [int(x) for x in a.lengths.split(",") if x]
+    shapes = [tuple(int(y) for y in s.split("/")) for s in a.shapes.split(",") if s]
+    fractions = [float(x) for x in a.fractions.split(",") if x]
+    header = (f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+              f"bf16, one document, routed tokens uniform at random, SWA W={a.window}")
+    print(header, file=sys.stderr)
+    record = {"header": header, "argv": sys.argv if argv is None else argv}
+    torch.manual_seed(0)
+    if a.tune:
+        record["tuned"] = {}
+        for HQ, H, D in shapes:
+            chosen, res = tune(HQ, H, D, a.tune_length, 0.2)
+            record["tuned"][f"{HQ}/{H}/{D}"] = {"chosen": chosen, "results": {k: [[list(c), t] for c, t in v]
+                                                                              for k, v in res.items()}}
+    if a.check:
+        ok_all = True
+        for HQ, H, D in shapes:
+            ok, lines = check(HQ, H, D)
+            ok_all &= ok
+            print("\n".join(lines), file=sys.stderr)
+        record["check_ok"] = ok_all
+    rows = []
+    for HQ, H, D in shapes:
+        for T in lengths:
+            rows += bench_shape(HQ, H, D, T, fractions, a.window, a.budget_ms, not a.no_baselines, a.flex)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    record["rows"] = rows
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(record, f, indent=1, default=str)
+    kern = ops._kernels()
+    print(header)
+    print(f"configs: {kern.CONFIGS} DQ_ATOMIC={kern.DQ_ATOMIC}")
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Public attention ops: validation, dispatch and autograd around the Triton kernels."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+import os
+
+import torch
+
+from . import reference
+
+__all__ = ["conditional_attention", "sliding_window_attention"]
+
+_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels():
+    """The Triton kernel module, (re)imported to match TRITON_INTERPRET as it is now.
+
+    Triton decides at decoration time whether a kernel is compiled or interpreted, so a test
+    that sets the variable after some other code imported the module still gets interpreted
+    kernels (and vice versa).
+    """
+    mod = importlib.import_module("l2a_kernels._triton_attn")
+    if mod.INTERPRETED != _interpret():
+        mod = importlib.reload(mod)
+    return mod
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape [T, heads, head_dim], got {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same length T, got q {q.shape[0]} and k {k.shape[0]}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same head_dim, got q {q.shape[2]} and k {k.shape[2]}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}) for grouped-query attention"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q/k/v dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+
+
+def _check_cu_seqlens(cu_seqlens, T, device):
+    """Validated int32 copy of cu_seqlens on `device`, or None. One host sync."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with num_docs + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
+    cu = cu_seqlens.to(device=device, dtype=torch.int32)
+    first, last, decreasing = torch.stack([cu[0], cu[-1], (cu[1:] < cu[:-1]).any().int()]).tolist()
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {first}")
+    if last != T:
+        raise ValueError(f"cu_seqlens must end at T = {T} (the length of q), got {last}")
+    if decreasing:
+        raise ValueError("cu_seqlens must be non-decreasing (document starts in order)")
+    return cu
+
+
+def _check_common(q, k, v, cu_seqlens, scale):
+    _check_qkv(q, k, v)
+    if q.shape[2] not in _HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {_HEAD_DIMS}, got {q.shape[2]}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+    cu = _check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    return cu, scale
+
+
+def _use_triton(q) -> bool:
+    return q.is_cuda or _interpret()
+
+
+def _doc_bounds(cu, T, device):
+    """Per-token document start and end, int32 [T] each."""
+    if cu is None:
+        return (torch.zeros(T, dtype=torch.int32, device=device),
+                torch.full((T,), T, dtype=torch.int32, device=device))
+    doc = torch.searchsorted(cu, torch.arange(T, dtype=torch.int32, device=device), right=True) - 1
+    return cu[doc].contiguous(), cu[doc + 1].contiguous()
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pos, docstart, docend, window, scale):
+        kern = _kernels()
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        out, lse = kern.forward(q, k, v, pos, docstart, window, scale)
+        ctx.save_for_backward(q, k, v, out, lse, pos, docstart, docend)
+        ctx.window, ctx.scale = window, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, pos, docstart, docend = ctx.saved_tensors
+        dq, dk, dv = _kernels().backward(
+            _last_dim_contiguous(dout), q, k, v, out, lse, pos, docstart, docend, ctx.window, ctx.scale
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None):
+    """Query-sparse causal attention with documents and native grouped-query attention.
+
+    Args:
+        q: [T, HQ, D] queries; k, v: [T, H, D] keys and values, HQ a multiple of H.
+            float16 / bfloat16 (float32 accepted: exact dots, slower). D in 16, 32, 64, 128.
+        route: bool [T], one decision per token shared by all heads.
+        cu_seqlens: int32 [num_docs + 1] document boundaries, 0 first, T last, non-decreasing
+            (empty documents allowed); None means one document.
+        scale: softmax scale, default 1 / sqrt(D).
+
+    Returns:
+        out [T, HQ, D] in q's dtype: for a routed token, causal attention over the earlier keys
+        (itself included) of its own document; exactly 0 for every other token. Differentiable
+        with respect to q, k, v (route and cu_seqlens get no gradient).
+
+    Runs the Triton kernels on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1.
+    CPU tensors without the interpreter fall back, explicitly, to the float32 PyTorch
+    reference (l2a_kernels.reference), which is what the model uses on CPU. Each call syncs
+    with the host once to validate cu_seqlens and once to count the routed tokens.
+    """
+    cu, scale = _check_common(q, k, v, cu_seqlens, scale)
+    T = q.shape[0]
+    if not isinstance(route, torch.Tensor):
+        raise TypeError(f"route must be a torch.Tensor, got {type(route).__name__}")
+    if route.shape != (T,):
+        raise ValueError(f"route must have shape [T] = [{T}], got {tuple(route.shape)}")
+    if route.dtype != torch.bool:
+        raise TypeError(f"route must be a bool tensor, got {route.dtype}")
+    if not _use_triton(q):
+        return reference.conditional_attention(q, k, v, route, cu_seqlens=cu, scale=scale)
+    route = route.to(q.device)
+    # compaction: stable order, original positions kept for the masks
+    pos = torch.nonzero(route).squeeze(1).to(torch.int32)
+    docstart, docend = _doc_bounds(cu, T, q.device)
+    return _Attention.apply(q, k, v, pos, docstart, docend, None, scale)
+
+
+def sliding_window_attention(q, k, v, window, *, cu_seqlens=None, scale=None):
+    """Causal sliding-window attention with documents and native grouped-query attention.
+
+    Each token attends to the last `window` keys of its own document, itself included
+    (window=1: only itself; window >= T: full causal attention). Shapes, dtypes, cu_seqlens,
+    scale and the CPU fallback as in conditional_attention. Uses the same Triton kernels
+    with compaction off and the window bound on the key loops (measured against
+    FlexAttention in docs/BENCHMARKS.md).
+    """
+    cu, scale = _check_common(q, k, v, cu_seqlens, scale)
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    T = q.shape[0]
+    if not _use_triton(q):
+        return reference.sliding_window_attention(q, k, v, window, cu_seqlens=cu, scale=scale)
+    docstart, docend = _doc_bounds(cu, T, q.device)
+    window = int(window)
+    return _Attention.apply(q, k, v, None, docstart, docend, window if window < T else None, scale)

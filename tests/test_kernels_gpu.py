@@ -1,0 +1,101 @@
+"""l2a_kernels on CUDA at realistic sizes in bf16 (skipped without a GPU).
+
+Errors are relative Frobenius norms against the float32 reference; a kernel's error must stay
+within 4x that of the same computation done by PyTorch in bf16 (reference in bf16).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import l2a_kernels
+from l2a_kernels import ops, reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+@pytest.fixture(autouse=True)
+def compiled(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return ops._kernels()
+
+
+def _inputs(T, HQ, H, D, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype)  # noqa: E731
+    return mk(T, HQ, D), mk(T, H, D), mk(T, H, D), mk(T, HQ, D)
+
+
+def _run(f, q, k, v, do, dtype=None):
+    xs = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+    out = f(*xs)
+    return (out,) + torch.autograd.grad(out, xs, do.to(out.dtype))
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)).item()
+
+
+def _compare(kernel_fn, idx, cu, window, q, k, v, do):
+    got = _run(kernel_fn, q, k, v, do)
+    ref = _run(lambda *a: reference._attention(*a, idx, cu, window, None, torch.float32), q, k, v, do, torch.float32)
+    low = _run(lambda *a: reference._attention(*a, idx, cu, window, None, q.dtype), q, k, v, do)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, ref, low):
+        assert torch.isfinite(a).all(), name
+        err, err_torch = _rel(a, b), _rel(c, b)
+        assert err <= 4 * max(err_torch, 1e-3), f"{name}: kernel {err:.3e} vs torch {err_torch:.3e}"
+    return got
+
+
+SHAPES = [(28, 4, 128), (14, 2, 64)]
+
+
+@pytest.mark.parametrize("atomic", [False, True])
+@pytest.mark.parametrize("HQ,H,D", SHAPES)
+def test_conditional_bf16(compiled, monkeypatch, HQ, H, D, atomic):
+    monkeypatch.setattr(compiled, "DQ_ATOMIC", {64: atomic, 128: atomic})
+    T = 8191
+    q, k, v, do = _inputs(T, HQ, H, D, seed=D)
+    route = torch.rand(T, device="cuda") < 0.2
+    cu = torch.tensor([0, 3000, 3001, 5000, T], dtype=torch.int32, device="cuda")
+    out, dq, _, _ = _compare(lambda *a: l2a_kernels.conditional_attention(*a, route, cu_seqlens=cu),
+                             torch.nonzero(route).squeeze(1), cu, None, q, k, v, do)
+    assert (out[~route] == 0).all() and (dq[~route] == 0).all()
+
+
+@pytest.mark.parametrize("atomic", [False, True])
+@pytest.mark.parametrize("HQ,H,D", SHAPES)
+def test_sliding_window_bf16(compiled, monkeypatch, HQ, H, D, atomic):
+    monkeypatch.setattr(compiled, "DQ_ATOMIC", {64: atomic, 128: atomic})
+    T, W = 8192, 1000
+    q, k, v, do = _inputs(T, HQ, H, D, seed=D + 1)
+    cu = torch.tensor([0, 2500, T], dtype=torch.int32, device="cuda")
+    _compare(lambda *a: l2a_kernels.sliding_window_attention(*a, W, cu_seqlens=cu), torch.arange(T, device="cuda"),
+             cu, W, q, k, v, do)
+
+
+def test_density_one_matches_sdpa_and_zero_gives_zeros():
+    T, HQ, H, D = 4096, 28, 4, 128
+    q, k, v, do = _inputs(T, HQ, H, D, seed=3)
+    out = l2a_kernels.conditional_attention(q, k, v, torch.ones(T, dtype=torch.bool, device="cuda"))
+    ke, ve = (t.repeat_interleave(HQ // H, dim=1) for t in (k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1).float(), ke.transpose(0, 1).float(), ve.transpose(0, 1).float(), is_causal=True
+    ).transpose(0, 1)
+    assert _rel(out, sdpa) < 1e-2
+    got = _run(lambda *a: l2a_kernels.conditional_attention(*a, torch.zeros(T, dtype=torch.bool, device="cuda")),
+               q, k, v, do)
+    for t in got:
+        assert torch.isfinite(t).all() and (t == 0).all()
+
+
+def test_fp16_long_odd_length():
+    T, HQ, H, D = 20001, 14, 2, 64
+    q, k, v, do = _inputs(T, HQ, H, D, dtype=torch.float16, seed=7)
+    route = torch.rand(T, device="cuda") < 0.1
+    _compare(lambda *a: l2a_kernels.conditional_attention(*a, route), torch.nonzero(route).squeeze(1), None, None,
+             q, k, v, do)
