@@ -1,12 +1,64 @@
-"""`l2a-eval`: not implemented yet (issue 7: evaluation, pruning and inference)."""
+"""`l2a-eval`: long-context evaluation of any checkpoint (base Qwen, full-attention, L2A, pruned).
 
-import sys
+    l2a-eval model.path=checkpoints/quickstart-l2a data.path=data/quickstart output=results/eval
+    l2a-eval eval=ruler model.path=/ckpt/qwen3-8b-l2a data.path=/data/heldout output=results/qwen3-8b-l2a
+
+Runs the suite of `configs/eval/<name>.yaml` (see `l2a_train.evaluation`): perplexity by position
+bucket on held-out packed data, RULER-style retrieval over lengths x needle depths, router
+analysis. Writes `eval.json`, `eval.md`, `retrieval_heatmap.png` and `routed_fraction.png` to
+`output`, through a temporary directory renamed at the end (a failed run leaves nothing).
+Every setting is checked before the model runs: a bad one is one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from l2a_configs import UserError, hydra_app
+
+from .convert import write_atomically
+from .evaluation import check_suite, loading, model_summary, open_data, report, run_suite
+
+log = logging.getLogger("l2a-eval")
+KV_LENGTH = 131072  # context length of the KV-cache figure in the report
 
 
-def main() -> None:
-    print("error: l2a-eval is not implemented yet (tracked in issue 7: evaluation, pruning, inference)", file=sys.stderr)
-    raise SystemExit(3)
+def write_results(tmp: Path, results: dict, stem: str = "eval") -> None:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (tmp / f"{stem}.md").write_text(report.markdown(results))
+    report.plots(results, tmp)
 
+
+def evaluate(cfg) -> dict:
+    start = time.time()
+    output = Path(cfg.output)
+    if output.exists() and not cfg.overwrite:  # fail before any heavy work
+        raise UserError(f"output={output} already exists; choose another directory or pass overwrite=true")
+    device = loading.resolve_device(cfg.get("device"))
+    check_suite(cfg.eval, loading.configured_positions(cfg.model), bool(cfg.data.path))
+    model, source = loading.load_model(cfg.model, cfg.get("backend"), device)
+    max_pos = loading.max_positions(model)
+    dataset = open_data(cfg.data.path, model, max_pos) if cfg.data.path and cfg.eval.perplexity.enabled else None
+    tokenizer = loading.load_tokenizer(cfg.tokenizer, cfg.model.path, cfg.data.path, required=bool(cfg.eval.retrieval.enabled))
+    if tokenizer is not None:
+        loading.check_tokenizer(tokenizer, model)
+
+    results = {"model": model_summary(model, cfg.model.path, source, KV_LENGTH)}
+    results.update(run_suite(model, tokenizer, dataset, cfg.eval, device, int(cfg.data.max_rows), bool(cfg.router)))
+    results["config"] = OmegaConf.to_container(cfg, resolve=True)
+    results["elapsed_s"] = round(time.time() - start, 1)
+    write_atomically(output, bool(cfg.overwrite), lambda tmp: write_results(tmp, results))
+    log.info("wrote %s\n%s", output, report.markdown(results))
+    return results
+
+
+main = hydra_app("eval")(evaluate)
 
 if __name__ == "__main__":
     main()
