@@ -22,6 +22,7 @@ import numpy as np
 
 from .tokenizer import Encoder
 
+IN_FLIGHT = 4  # batches tokenized at once in threads mode (memory: this x batch_chars)
 _encoder: Encoder | None = None
 
 
@@ -49,9 +50,11 @@ class OrderedPipeline:
             self.fn = _encode
             self.window = 2 * workers
         else:
-            self.pool = ThreadPoolExecutor(2)  # two calls in flight keep the Rust pool busy
+            # Several calls in flight share the Rust thread pool, which steals work across
+            # them: one long document then no longer leaves the other cores idle.
+            self.pool = ThreadPoolExecutor(IN_FLIGHT)
             self.fn = encoder.encode_batch
-            self.window = 2
+            self.window = IN_FLIGHT
         self.pending: deque = deque()
         self.in_flight = 0
 

@@ -164,6 +164,39 @@ def _claim_output(out: Path, plan: dict, overwrite: bool) -> None:
     fmt.write_json(plan_path, plan)
 
 
+def _source_chars(spec: dict, name: str) -> float | None:
+    """About how many characters a source holds (for the progress bar's ETA); None: unknown."""
+    kind = spec["type"]
+    if kind in ("jsonl", "parquet", "text"):
+        # compressed inputs hold a few times their size in text
+        scale = {"jsonl": 1.0, "parquet": 3.0, "text": 1.0}[kind]
+        paths = sources.expand_paths(spec, name, (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", *spec.get("suffixes", ())))
+        return sum(p.stat().st_size * (4.0 if p.name.endswith(".gz") else scale) for p in paths if p.exists())
+    if kind == "stdlib":
+        from . import stdlib_corpus
+
+        base = stdlib_corpus.stdlib_root(spec["root"])
+        units = stdlib_corpus.units(base, list(spec["exclude"]))
+        return sum(f.stat().st_size for u in units for f in stdlib_corpus.package_files(u, list(spec["exclude"])))
+    if kind == "retrieval":
+        return spec["num_docs"] * sum(spec["length"]) / 2
+    return None
+
+
+def _expected_tokens(cfg: dict, by_domain: dict, weights: dict, ratios: dict) -> float | None:
+    if cfg["max_tokens"] is not None:
+        return cfg["max_tokens"]
+    per_domain = {}
+    for domain, specs in by_domain.items():
+        chars = [_source_chars(spec, name) for name, spec in specs.items()]
+        if None in chars:
+            return None
+        per_domain[domain] = sum(chars) / ratios[domain] * cfg["max_epochs"]
+    if weights:  # the mixture ends when its first domain runs out
+        return min(per_domain[d] / w for d, w in weights.items())
+    return sum(per_domain.values())
+
+
 # ---------------------------------------------------------------- the shard loop
 
 
@@ -364,7 +397,7 @@ def _finalize(out: Path, cfg: dict, plan: dict, info: tokenizer.TokenizerInfo, w
 # ---------------------------------------------------------------- entry
 
 
-def prepare(cfg: dict, progress_factory=None) -> dict | None:
+def prepare(cfg: dict) -> dict | None:
     """Run a prep described by a resolved config dict; returns the manifest (None if incomplete)."""
     _check(cfg)
     out = Path(cfg["output"])
@@ -385,11 +418,18 @@ def prepare(cfg: dict, progress_factory=None) -> dict | None:
     events = mixture.mix(by_domain, weights, ratios, cfg)
     from tqdm import tqdm
 
-    bar = (progress_factory or tqdm)(
-        total=cfg["max_tokens"], unit="tok", unit_scale=True, desc="tokens", disable=not cfg["progress"], dynamic_ncols=True
+    expected = _expected_tokens(cfg, by_domain, weights, ratios) if cfg["progress"] else None
+    bar = tqdm(
+        total=None if expected is None else int(expected),
+        unit="tok",
+        unit_scale=True,
+        desc=f"l2a-prep {out.name}",
+        disable=not cfg["progress"],
+        dynamic_ncols=True,
     )
     try:
         _pack(out, cfg, plan, info, encoder, tokenizer_json, events, bar)
+        bar.total = bar.n  # the estimate was only an estimate: end at 100%
     finally:
         bar.close()
     manifest = _finalize(out, cfg, plan, info, weights)

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Data-prep throughput: end-to-end `l2a-prep` tokens/s vs the tokenizer's own batch
+throughput on the same text, and peak memory at two corpus sizes.
+
+    .venv/bin/python scripts/bench_prep.py                      # built-in BPE, stdlib-as-JSONL corpus
+    .venv/bin/python scripts/bench_prep.py --tokenizer /models/Qwen3-8B --seq-len 131072
+
+The corpus: every .py file of the standard library as one JSONL record (about 12 MB per
+copy), `--copies` copies for the small run and 4x that for the large one, spread over 8
+files. End to end = `prepare()` in a fresh process (reading, mixing, tokenizing, packing,
+writing shards and manifest; not the Python start-up or a one-off tokenizer training).
+Tokenizer baseline = `encode_batch_fast` over the same texts already in memory, batches of
+the prep's `batch_chars` and of 8x that, the faster taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def corpus(root: Path, copies: int) -> Path:
+    from l2a_data_prep import stdlib_corpus
+
+    base = stdlib_corpus.stdlib_root(None)
+    files = [p for u in stdlib_corpus.units(base, ["test", "tests", "idle_test", "site-packages"]) for p in stdlib_corpus.package_files(u, ["test", "tests", "idle_test"])]
+    texts = []
+    for path in files:
+        try:
+            texts.append(path.read_text("utf-8"))
+        except UnicodeDecodeError:
+            continue
+    folder = root / f"corpus-{copies}"
+    folder.mkdir(parents=True, exist_ok=True)
+    handles = [open(folder / f"part-{i}.jsonl", "w") for i in range(8)]
+    n = 0
+    for copy in range(copies):
+        for text in texts:
+            handles[n % 8].write(json.dumps({"text": f"# copy {copy}\n{text}"}) + "\n")
+            n += 1
+    for h in handles:
+        h.close()
+    return folder
+
+
+def child(args) -> None:
+    """Run one prep; print its timing and this process's peak memory as JSON."""
+    from omegaconf import OmegaConf
+
+    from l2a_configs import compose
+    from l2a_data_prep.pipeline import prepare
+
+    cfg = OmegaConf.to_container(compose("prep", [f"output={args.out}"]), resolve=True)
+    cfg.update(sources={"corpus": {"type": "jsonl", "path": args.corpus}}, mixture=[], max_tokens=None)
+    cfg.update(seq_len=args.seq_len, workers=args.workers, progress=False)
+    cfg["tokenizer"]["path"] = args.tokenizer
+    start = time.perf_counter()
+    manifest = prepare(cfg)
+    seconds = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "tokens": manifest["tokens"], "rows": manifest["num_rows"], "rss_mb": rss, "worker_rss_mb": kids}))
+
+
+def run_child(args, corpus_dir: Path, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--corpus", str(corpus_dir), "--out", str(out), "--tokenizer", args.tokenizer,
+           "--seq-len", str(args.seq_len), "--workers", str(args.workers)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def baseline(tokenizer_path: str, corpus_dir: Path, batch_chars: int) -> tuple[float, int]:
+    from l2a_data_prep import tokenizer
+
+    info = tokenizer.load(tokenizer_path, None, None)
+    enc = tokenizer.Encoder(tokenizer.backend_json(tokenizer_path), info.bos_token_id, info.eos_token_id, info.add_bos, threads=True)
+    texts = [json.loads(line)["text"] for f in sorted(corpus_dir.glob("*.jsonl")) for line in open(f)]
+    best = 0.0
+    for size in (batch_chars, 8 * batch_chars):
+        batches, cur, chars = [], [], 0
+        for t in texts:
+            cur.append(t)
+            chars += len(t)
+            if chars >= size:
+                batches.append(cur)
+                cur, chars = [], 0
+        batches.append(cur)
+        start = time.perf_counter()
+        tokens = sum(len(e.ids) for b in batches for e in enc.tokenizer.encode_batch_fast(b, add_special_tokens=False))
+        best = max(best, tokens / (time.perf_counter() - start))
+    return best, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", default=None, help="HF tokenizer dir; default: train the built-in BPE once")
+    parser.add_argument("--seq-len", type=int, default=32768)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--copies", type=int, default=1, help="stdlib copies in the small corpus (large: 4x)")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-prep-"))
+    small, large = corpus(work, args.copies), corpus(work, 4 * args.copies)
+    if args.tokenizer is None:
+        from l2a_data_prep import stdlib_corpus, tokenizer
+
+        texts = [t[:65536] for _, t in stdlib_corpus.iter_documents(None, ["test", "tests", "idle_test"]) if isinstance(t, str)]
+        args.tokenizer = tokenizer.train_builtin(texts, 4096, str(work / "tok"))
+    from l2a_configs import compose
+
+    batch_chars = compose("prep", ["output=x"]).batch_chars
+    rate, tokens = baseline(args.tokenizer, small, batch_chars)
+    results = {}
+    for name, folder in (("small", small), ("large", large)):
+        results[name] = run_child(args, folder, work / f"out-{name}")
+    e2e = results["large"]["tokens"] / results["large"]["seconds"]
+    print(f"machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}")
+    print(f"tokenizer: {args.tokenizer}; seq_len {args.seq_len}; workers {args.workers}")
+    print(f"tokenizer batch throughput (same text, in memory): {rate:,.0f} tokens/s over {tokens:,} tokens")
+    for name, r in results.items():
+        print(f"end-to-end prep, {name} corpus: {r['tokens']:,} tokens in {r['seconds']:.1f} s = {r['tokens'] / r['seconds']:,.0f} tokens/s; "
+              f"peak RSS {r['rss_mb']:.0f} MB (worker processes {r['worker_rss_mb']:.0f} MB)")
+    print(f"end-to-end / tokenizer: {e2e / rate:.1%}")
+
+
+if __name__ == "__main__":
+    main()
