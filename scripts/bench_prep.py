@@ -62,15 +62,29 @@ def child(args) -> None:
     cfg.update(sources={"corpus": {"type": "jsonl", "path": args.corpus}}, mixture=[], max_tokens=None)
     cfg.update(seq_len=args.seq_len, workers=args.workers, progress=False)
     cfg["tokenizer"]["path"] = args.tokenizer
+    from l2a_data_prep import pipeline
+
+    packing = {}
+    real_pack = pipeline._pack
+
+    def timed_pack(*a, **k):  # the streaming phase alone: read, mix, tokenize, pack, write
+        t0 = time.perf_counter()
+        real_pack(*a, **k)
+        packing["seconds"] = time.perf_counter() - t0
+
+    pipeline._pack = timed_pack
     start = time.perf_counter()
     manifest = prepare(cfg)
     seconds = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "tokens": manifest["tokens"], "rows": manifest["num_rows"], "rss_mb": rss, "worker_rss_mb": kids}))
+    print(json.dumps({"seconds": seconds, "stream_seconds": packing["seconds"], "tokens": manifest["tokens"], "rows": manifest["num_rows"], "rss_mb": rss, "worker_rss_mb": kids}))
 
 
 def run_child(args, corpus_dir: Path, out: Path) -> dict:
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, __file__, "--child", "--corpus", str(corpus_dir), "--out", str(out), "--tokenizer", args.tokenizer,
            "--seq-len", str(args.seq_len), "--workers", str(args.workers)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -105,6 +119,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=32768)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--copies", type=int, default=1, help="stdlib copies in the small corpus (large: 4x)")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -122,18 +137,25 @@ def main() -> None:
     from l2a_configs import compose
 
     batch_chars = compose("prep", ["output=x"]).batch_chars
-    rate, tokens = baseline(args.tokenizer, small, batch_chars)
-    results = {}
-    for name, folder in (("small", small), ("large", large)):
-        results[name] = run_child(args, folder, work / f"out-{name}")
-    e2e = results["large"]["tokens"] / results["large"]["seconds"]
-    print(f"machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}")
+    # Alternate the measurements and keep each one's best: the machine may be shared.
+    rate, results = 0.0, {}
+    load = os.getloadavg()[0]
+    for _ in range(args.repeats):
+        r, tokens = baseline(args.tokenizer, small, batch_chars)
+        rate = max(rate, r)
+        for name, folder in (("small", small), ("large", large)):
+            got = run_child(args, folder, work / f"out-{name}")
+            if name not in results or got["seconds"] < results[name]["seconds"]:
+                results[name] = got
+    print(f"machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, "
+          f"load average at start {load:.1f}; best of {args.repeats}")
     print(f"tokenizer: {args.tokenizer}; seq_len {args.seq_len}; workers {args.workers}")
     print(f"tokenizer batch throughput (same text, in memory): {rate:,.0f} tokens/s over {tokens:,} tokens")
     for name, r in results.items():
-        print(f"end-to-end prep, {name} corpus: {r['tokens']:,} tokens in {r['seconds']:.1f} s = {r['tokens'] / r['seconds']:,.0f} tokens/s; "
-              f"peak RSS {r['rss_mb']:.0f} MB (worker processes {r['worker_rss_mb']:.0f} MB)")
-    print(f"end-to-end / tokenizer: {e2e / rate:.1%}")
+        total, stream = r["tokens"] / r["seconds"], r["tokens"] / r["stream_seconds"]
+        print(f"end-to-end prep, {name} corpus: {r['tokens']:,} tokens, {r['seconds']:.1f} s in prepare() = {total:,.0f} tokens/s "
+              f"({total / rate:.0%} of the tokenizer); streaming phase {r['stream_seconds']:.1f} s = {stream:,.0f} tokens/s "
+              f"({stream / rate:.0%}); peak RSS {r['rss_mb']:.0f} MB (worker processes {r['worker_rss_mb']:.0f} MB)")
 
 
 if __name__ == "__main__":

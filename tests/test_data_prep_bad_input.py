@@ -166,3 +166,9 @@ def test_nothing_usable_is_an_error_not_an_empty_data_set(tmp_path, tok_dir):
     src.write_text('{"text": ""}\n{"oops"\n')
     with pytest.raises(UserError, match=r"no documents.*malformed_json: 1, empty_document: 1"):
         prepare(make_config(tmp_path / "o", tok_dir, {"a": {"type": "jsonl", "path": str(src)}}))
+
+
+def test_empty_input_is_an_error(tmp_path, tok_dir):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match=r"no documents left to pack from the sources \(skipped none\)"):
+        prepare(make_config(tmp_path / "o", tok_dir, {"a": {"type": "jsonl", "path": str(tmp_path / "empty.jsonl")}}))
