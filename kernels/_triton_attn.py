@@ -231,12 +231,12 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, POS, DOCSTART,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC,
+def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, dq_row_base,
                 stride_qct, stride_qch, stride_dct, stride_dch,
                 start, end, kvh, HQ, qk_scale, window,
                 G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
                 COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-                DQ_ATOMIC: tl.constexpr):
+                DQ_MODE: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     for start_m in range(start, end, BLOCK_M):
@@ -268,14 +268,20 @@ def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC,
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
         dk = tl.dot(dsT, q, dk, input_precision=DOT_PREC)
-        if DQ_ATOMIC:
-            # dQ rows of this tile, summed over key blocks in float32 (unscaled, [N, HQ, D])
+        if DQ_MODE == 1:
+            # dQ rows of this tile, summed over key blocks by float32 atomics (unscaled, [N, HQ, D])
             dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC)
             dq_ptrs = DQACC + (c64[:, None] * HQ + hq[:, None]) * D + offs_d[None, :]
             if MASK:
                 tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
             else:
                 tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+        elif DQ_MODE == 2:
+            # same through the TMA engine (bulk tensor reduce-add of the whole tile, coalesced);
+            # DQACC is a descriptor over [H * N * G, D] float32, rows in this kernel's row order.
+            # Rows past the span carry zeros here (pT was masked), so adding them is harmless.
+            dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC)
+            DQACC.atomic_add([dq_row_base + start_m, 0], dq)
     return dk, dv
 
 
@@ -286,7 +292,7 @@ def _bwd_dkdv_kernel(QC, K, V, DOC, DK, DV, LSE, DELTA, POS, DOCSTART, DOCEND, D
                      n_comp, T, HQ, window, qk_scale, sm_scale,
                      G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-                     DQ_ATOMIC: tl.constexpr):
+                     DQ_MODE: tl.constexpr):
     # grid (H, key blocks): early key blocks are seen by the most rows, so they start first
     kvh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -312,15 +318,15 @@ def _bwd_dkdv_kernel(QC, K, V, DOC, DK, DV, LSE, DELTA, POS, DOCSTART, DOCEND, D
     mid_e = tl.where(n_full > 0, full_lo + n_full * BLOCK_M, row_hi)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC,
+    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, kvh * n_comp * G,
                          stride_qct, stride_qch, stride_dct, stride_dch, mid_s, mid_e, kvh, HQ, qk_scale,
-                         window, G, D, BLOCK_M, False, COMPACT, HAS_WINDOW, DOT_PREC, DQ_ATOMIC)
-    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC,
+                         window, G, D, BLOCK_M, False, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE)
+    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, kvh * n_comp * G,
                          stride_qct, stride_qch, stride_dct, stride_dch, row_lo, mid_s, kvh, HQ, qk_scale,
-                         window, G, D, BLOCK_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_ATOMIC)
-    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC,
+                         window, G, D, BLOCK_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE)
+    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, kvh * n_comp * G,
                          stride_qct, stride_qch, stride_dct, stride_dch, mid_e, row_hi, kvh, HQ, qk_scale,
-                         window, G, D, BLOCK_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_ATOMIC)
+                         window, G, D, BLOCK_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE)
     dk = dk * sm_scale
     tl.store(DK + kvh * stride_dkh + kpos[:, None] * stride_dkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
@@ -353,18 +359,20 @@ def _delta_kernel(O, DO, DELTA, POS, stride_ot, stride_oh, stride_dot, stride_do
 # ----------------------------------------------------------------------------- launch configs
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, for H100/H200 (sm_90).
-# BLOCK_M counts rows = (token, query head) pairs. "dkdv_atomic" is the dK/dV kernel that also
-# accumulates dQ with float32 atomics (5 matrix products per tile instead of 3 + 4 with the
-# separate dQ kernel); DQ_ATOMIC picks the backward per head dim. Chosen by
-# `python -m l2a_kernels.bench --tune` (docs/BENCHMARKS.md). The interpreter uses small blocks
-# so that the CPU tests cross many block edges.
+# BLOCK_M counts rows = (token, query head) pairs. DQ_MODE picks the backward per head dim:
+#   0: separate dQ kernel (recomputes S and dP: 3 + 4 matrix products per tile, no atomics),
+#   1: the dK/dV kernel also adds dQ tiles with float32 atomics (5 products, "dkdv_atomic"),
+#   2: as 1, through the TMA engine's bulk reduce-add ("dkdv_tma"; compiled GPUs only).
+# Chosen by `python -m l2a_kernels.bench --tune` on an H200 (docs/BENCHMARKS.md). The
+# interpreter uses small blocks so that the CPU tests cross many block edges.
 CONFIGS = {
-    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-    "dq": {64: (128, 64, 4, 3), 128: (128, 64, 8, 2)},
-    "dkdv": {64: (64, 128, 4, 3), 128: (64, 128, 8, 2)},
-    "dkdv_atomic": {64: (64, 128, 4, 2), 128: (32, 128, 8, 2)},
+    "fwd": {64: (64, 64, 4, 3), 128: (128, 128, 8, 3)},
+    "dq": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
+    "dkdv": {64: (64, 64, 4, 3), 128: (64, 64, 4, 2)},
+    "dkdv_atomic": {64: (64, 64, 4, 2), 128: (64, 128, 8, 2)},
+    "dkdv_tma": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)},
 }
-DQ_ATOMIC = {64: False, 128: False}
+DQ_MODE = {64: 0, 128: 0}
 INTERPRET_CONFIG = (16, 16, 1, 1)
 
 
@@ -411,7 +419,13 @@ def forward(q, k, v, pos, docstart, window, scale):
     return out, lse
 
 
-def backward(do, q, k, v, out, lse, pos, docstart, docend, window, scale, dq_atomic=None):
+def _tma_descriptor(t2d, block_rows):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), [block_rows, t2d.shape[1]])
+
+
+def backward(do, q, k, v, out, lse, pos, docstart, docend, window, scale, dq_mode=None):
     """Returns dq, dk, dv for forward(...) above; dq is zero on unrouted rows."""
     T, HQ, D = q.shape
     H = k.shape[1]
@@ -426,39 +440,49 @@ def backward(do, q, k, v, out, lse, pos, docstart, docend, window, scale, dq_ato
     delta = torch.empty_like(lse)
     pos_arg = pos if compact else docstart
     n_rows = n * G
-    if dq_atomic is None:
-        dq_atomic = DQ_ATOMIC[_key(D)]
+    if dq_mode is None:
+        dq_mode = DQ_MODE[_key(D)]
+    if dq_mode == 2 and INTERPRETED:
+        dq_mode = 1  # the interpreter has no TMA reduce; mode 1 computes the same sums
+    kind = ("dkdv", "dkdv_atomic", "dkdv_tma")[dq_mode]
+    BM, BN, warps, stages = _config(kind, D)
 
-    if dq_atomic:
+    if dq_mode:
         _delta_kernel[(triton.cdiv(n * HQ, 64),)](
             out, do, delta, pos_arg, out.stride(0), out.stride(1), do.stride(0), do.stride(1), n * HQ, HQ,
             D=D, BLOCK=64, COMPACT=compact, num_warps=4,
         )
-        dq_acc = torch.zeros((n, HQ, D), device=q.device, dtype=torch.float32)
+        if dq_mode == 1:  # [N, HQ, D]
+            dq_acc = torch.zeros((n, HQ, D), device=q.device, dtype=torch.float32)
+            dq_arg = dq_acc
+        else:  # [H, N * G, D]: each KV head's rows contiguous, in the kernel's row order
+            dq_acc = torch.zeros((H * n_rows, D), device=q.device, dtype=torch.float32)
+            dq_arg = _tma_descriptor(dq_acc, BM)
     else:
         dq = torch.zeros_like(q) if compact else torch.empty_like(q)
-        BM, BN, warps, stages = _config("dq", D)
-        _bwd_dq_kernel[(H, triton.cdiv(n_rows, BM))](
+        BMq, BNq, warps_q, stages_q = _config("dq", D)
+        _bwd_dq_kernel[(H, triton.cdiv(n_rows, BMq))](
             q, k, v, out, do, dq, lse, delta, pos_arg, docstart,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
             n_rows, HQ, window_arg, qk_scale, scale,
-            G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, num_warps=warps, num_stages=stages, **const,
+            G=G, BLOCK_M=BMq, BLOCK_N=BNq, COMPACT=compact, num_warps=warps_q, num_stages=stages_q, **const,
         )
-        dq_acc = delta  # unused pointer
+        dq_arg = delta  # unused pointer
     # the dK/dV loop reads query rows many times: gather them once into dense compact buffers
     qc = q.index_select(0, pos) if compact else q
     doc = do.index_select(0, pos) if compact else do
-    BM, BN, warps, stages = _config("dkdv_atomic" if dq_atomic else "dkdv", D)
     _bwd_dkdv_kernel[(H, triton.cdiv(T, BN))](
-        qc, k, v, doc, dk, dv, lse, delta, pos_arg, docstart, docend, dq_acc,
+        qc, k, v, doc, dk, dv, lse, delta, pos_arg, docstart, docend, dq_arg,
         qc.stride(0), qc.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         doc.stride(0), doc.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         n, T, HQ, window_arg, qk_scale, scale,
-        G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, DQ_ATOMIC=dq_atomic,
+        G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, DQ_MODE=dq_mode,
         num_warps=warps, num_stages=stages, **const,
     )
-    if dq_atomic:
+    if dq_mode:
+        if dq_mode == 2:
+            dq_acc = dq_acc.view(H, n, G, D).transpose(0, 1).reshape(n, HQ, D)
         dq_c = (dq_acc * scale).to(q.dtype)
         if compact:
             dq = torch.zeros_like(q).index_copy_(0, pos.long(), dq_c)

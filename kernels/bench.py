@@ -109,6 +109,7 @@ def _sdpa(backend):
 
 
 def bench_shape(HQ, H, D, T, fractions, window, budget_ms, baselines=True, flex=False):
+    """Rows for one head shape and length (see module docstring)."""
     rows = []
     dev = DEV
     dout = torch.randn(T, HQ, D, device=dev, dtype=DTYPE)
@@ -196,18 +197,21 @@ def format_table(rows):
 
 TUNE_SPACE = {
     128: {
-        "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)],
-        "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2)],
-        "dkdv": [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 2), (32, 128, 8, 2)],
-        "dkdv_atomic": [(32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2)],
+        "fwd": [(128, 128, 8, 3), (128, 64, 8, 4)],
+        "dq": [(128, 64, 8, 3), (64, 64, 4, 2)],
+        "dkdv": [(64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2)],
+        "dkdv_atomic": [(64, 128, 8, 2), (64, 64, 8, 2)],
+        "dkdv_tma": [(64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2)],
     },
     64: {
-        "fwd": [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)],
-        "dq": [(128, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
-        "dkdv": [(64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2)],
-        "dkdv_atomic": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2)],
+        "fwd": [(64, 64, 4, 3), (64, 64, 4, 4)],
+        "dq": [(128, 64, 4, 3), (64, 64, 4, 3)],
+        "dkdv": [(64, 64, 4, 3), (64, 128, 8, 3)],
+        "dkdv_atomic": [(64, 64, 4, 2)],
+        "dkdv_tma": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2)],
     },
 }
+BACKWARD_KINDS = ("dkdv", "dkdv_atomic", "dkdv_tma")  # index = DQ_MODE
 
 
 def tune(HQ, H, D, T, frac, budget_ms=150.0):
@@ -246,22 +250,22 @@ def tune(HQ, H, D, T, frac, budget_ms=150.0):
     best("fwd")
     out, lse = kern.forward(q, k, v, pos, docstart, None, scale)
 
-    def bwd(atomic):
-        return lambda: kern.backward(do, q, k, v, out, lse, pos, docstart, docend, None, scale, dq_atomic=atomic)
+    def bwd(mode):
+        return lambda: kern.backward(do, q, k, v, out, lse, pos, docstart, docend, None, scale, dq_mode=mode)
 
     for cfg in space["dq"]:
-        measure("dq", cfg, bwd(False))
+        measure("dq", cfg, bwd(0))
     best("dq")
-    for cfg in space["dkdv"]:
-        measure("dkdv", cfg, bwd(False))
-    t_split = best("dkdv")
-    for cfg in space["dkdv_atomic"]:
-        measure("dkdv_atomic", cfg, bwd(True))
-    t_atomic = best("dkdv_atomic")
-    kern.DQ_ATOMIC[key] = t_atomic < t_split
-    chosen = {kind: kern.CONFIGS[kind][key] for kind in ("fwd", "dq", "dkdv", "dkdv_atomic")}
-    chosen["DQ_ATOMIC"] = kern.DQ_ATOMIC[key]
-    print(f"  tuned D={D}: {chosen} (backward split {t_split:.2f} ms, atomic {t_atomic:.2f} ms)", file=sys.stderr)
+    t_mode = []
+    for mode, kind in enumerate(BACKWARD_KINDS):
+        for cfg in space[kind]:
+            measure(kind, cfg, bwd(mode))
+        t_mode.append(best(kind))
+    kern.DQ_MODE[key] = min(range(3), key=lambda m: t_mode[m])
+    chosen = {kind: kern.CONFIGS[kind][key] for kind in ("fwd", "dq") + BACKWARD_KINDS}
+    chosen["DQ_MODE"] = kern.DQ_MODE[key]
+    print(f"  tuned D={D}: {chosen} (backward by DQ_MODE: " + ", ".join(f"{t:.2f}" for t in t_mode) + " ms)",
+          file=sys.stderr)
     return chosen, results
 
 
@@ -317,7 +321,8 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=4096)
     p.add_argument("--budget-ms", type=float, default=400.0, help="time spent per measurement")
     p.add_argument("--no-baselines", action="store_true", help="skip SDPA cuDNN / FlashAttention")
-    p.add_argument("--flex", action="store_true", help="also time FlexAttention SWA (compiles)")
+    p.add_argument("--flex", default="", help="lengths at which to also time FlexAttention SWA for the first "
+                   "shape (compiles once per length), e.g. 131072")
     p.add_argument("--tune", action="store_true", help="tune launch configs first (at --tune-length)")
     p.add_argument("--tune-length", type=int, default=65536)
     p.add_argument("--check", action="store_true", help="check kernels against the reference first")
@@ -351,7 +356,8 @@ def main(argv=None):
     rows = []
     for HQ, H, D in shapes:
         for T in lengths:
-            rows += bench_shape(HQ, H, D, T, fractions, a.window, a.budget_ms, not a.no_baselines, a.flex)
+            flex = (HQ, H, D) == shapes[0] and str(T) in a.flex.split(",")
+            rows += bench_shape(HQ, H, D, T, fractions, a.window, a.budget_ms, not a.no_baselines, flex)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     record["rows"] = rows
@@ -360,7 +366,7 @@ def main(argv=None):
             json.dump(record, f, indent=1, default=str)
     kern = ops._kernels()
     print(header)
-    print(f"configs: {kern.CONFIGS} DQ_ATOMIC={kern.DQ_ATOMIC}")
+    print(f"configs: {kern.CONFIGS} DQ_MODE={kern.DQ_MODE}")
     print(format_table(rows))
 
 

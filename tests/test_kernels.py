@@ -107,8 +107,9 @@ def test_sliding_window_fp16_gqa():
 
 @pytest.mark.parametrize("case", [0, 1])
 def test_atomic_dq_backward(interpreter, monkeypatch, case):
-    """The backward that accumulates dQ with atomics inside the dK/dV kernel."""
-    monkeypatch.setattr(interpreter, "DQ_ATOMIC", {64: True, 128: True})
+    """The backward that accumulates dQ with atomics inside the dK/dV kernel (DQ_MODE 1; mode 2,
+    the TMA reduce, runs as mode 1 in the interpreter and is tested in test_kernels_gpu.py)."""
+    monkeypatch.setattr(interpreter, "DQ_MODE", {64: 1, 128: 1})
     T, HQ, H, D = 101, 4, 2, 32
     q, k, v, do = _inputs(T, HQ, H, D, torch.float32, seed=11)
     cu = torch.tensor([0, 30, 101], dtype=torch.int32)
