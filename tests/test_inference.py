@@ -16,6 +16,15 @@ VOCAB = 4096
 CACHE = cache_field_name()  # the cache keyword: `cache` (transformers 5.24) or `past_key_values` (5.17)
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models decode fastest on one thread (and do not suffer from a busy second core)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def l2a_model(model="tiny_qwen3", *overrides, router_std=0.05, seed=0):
     """A converted tiny model; routers set at random so that some tokens are routed, some not."""
     cfg = compose("convert", [f"model={model}", "output=unused", *overrides])

@@ -56,7 +56,7 @@ def checkpoint_dtype(path: Path, requested) -> str:
 
 
 def load_model(model_cfg, backend: str | None = None, device: torch.device | None = None):
-    """(model in eval mode on `device`, checkpoint kind: "base" | "l2a")."""
+    """(model in eval mode on `device`, a description of the checkpoint)."""
     from l2a_train.model import build_model
 
     kind = checkpoint_type(model_cfg.get("path"))
@@ -71,9 +71,9 @@ def load_model(model_cfg, backend: str | None = None, device: torch.device | Non
     if kind in ("qwen2", "qwen3"):
         node["family"] = kind
         l2a["mode"] = "full"
-        source = "base"
+        source = f"base {kind} checkpoint, run as full attention"
     elif kind.startswith("l2a_"):
-        source = "l2a"
+        source = "L2A checkpoint"
     else:
         raise UserError(
             f"model.path={path} holds a '{kind}' model; l2a-eval evaluates Qwen2/Qwen2.5/Qwen3 base checkpoints "

@@ -117,6 +117,20 @@ def make_prompt(rng: random.Random, spec: dict, length: int, depth: float, count
     return Prompt(text=text, answers=list(sample.answers), regions=regions, depth=(at - len(intro)) / span)
 
 
+def fitted_prompt(seed: str, spec: dict, length: int, depth: float, tokenizer, count) -> Prompt:
+    """`make_prompt` whose tokenized prompt has at most `length` tokens (and close to it): the
+    generator's count is per sentence and may overshoot by a sentence, so shrink the target by
+    the excess and draw the same sample again."""
+    target = length
+    for _ in range(6):
+        prompt = make_prompt(random.Random(seed), spec, target, depth, count)
+        n = len(tokenizer(prompt.text)["input_ids"])
+        if n <= length:
+            return prompt
+        target -= n - length + 1
+    raise UserError(f"could not fit a retrieval prompt into {length} tokens (seed {seed}); use longer lengths")
+
+
 def token_regions(tokenizer, prompt: Prompt) -> tuple[list[int], np.ndarray | None]:
     """Token ids of the prompt and each token's region (None if the tokenizer gives no offsets)."""
     try:
@@ -170,14 +184,9 @@ def run(model, tokenizer, cfg, device, max_positions: int, probe=None, log=None)
             for depth in results["depths"]:
                 scores, tokens, depths = [], [], []
                 for i in range(int(cfg.samples)):
-                    rng = random.Random(f"{cfg.seed}:{name}:{length}:{depth}:{i}")
-                    prompt = make_prompt(rng, spec, length - int(cfg.max_new_tokens), depth, count)
+                    seed = f"{cfg.seed}:{name}:{length}:{depth}:{i}"
+                    prompt = fitted_prompt(seed, spec, length - int(cfg.max_new_tokens), depth, tokenizer, count)
                     ids, regions = token_regions(tokenizer, prompt)
-                    if len(ids) + int(cfg.max_new_tokens) > max_positions:
-                        raise UserError(
-                            f"a {name} prompt of target length {length} came out at {len(ids)} tokens, beyond the "
-                            f"model's {max_positions} positions with max_new_tokens; lower eval.retrieval.lengths"
-                        )
                     input_ids = torch.tensor([ids], device=device)
                     if probe is not None:
                         probe.start()
