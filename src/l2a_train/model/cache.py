@@ -13,7 +13,8 @@ A step over new tokens (prefill, decode, or a continuation of a cached prompt):
 
 - prefill (empty cache) runs the model's normal attention backends on the prompt (the Triton
   kernels on CUDA, SDPA with masks elsewhere) and then stores the K/V;
-- a later step attends from the new queries to the cached keys with SDPA (one query: no mask;
+- a later step appends the new K/V (full caches grow GROWTH positions at a time, not by a copy
+  of the whole cache per token) and attends from the new queries to the cached keys with SDPA (one query: no mask;
   several queries: a causal / window mask on absolute positions). In L2A layers, if no new
   token is routed (d_t = 0 for all of them) the global attention is not computed at all; rows
   of a batch whose token is not routed are left out of it.
@@ -38,6 +39,21 @@ import torch
 from transformers.cache_utils import Cache
 
 from . import attention as attn_ops
+
+
+GROWTH = 1024  # positions added to a full cache's buffer when it is full (one copy per GROWTH decode steps)
+
+
+def _append(buf: torch.Tensor, used: int, new: torch.Tensor) -> torch.Tensor:
+    """Write `new` after the first `used` positions of `buf` (grown by GROWTH positions when
+    needed: not a copy of the whole cache every step); returns the buffer."""
+    need = used + new.shape[1]
+    if need > buf.shape[1]:
+        grown = buf.new_empty(buf.shape[0], need + GROWTH, *buf.shape[2:])
+        grown[:, :used] = buf[:, :used]
+        buf = grown
+    buf[:, used:need] = new
+    return buf
 
 
 def _keep_last(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -72,7 +88,7 @@ class LayerCache:
         self.kind = kind
         self.window = int(window)
         self.local: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.full: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._full: tuple[torch.Tensor, torch.Tensor] | None = None  # buffers, first `length` positions used
         self.length = 0  # positions seen by this layer
         # global-attention work of "l2a" layers after prefill: queries attended vs skipped (d_t = 0)
         self.global_queries = 0
@@ -85,7 +101,7 @@ class LayerCache:
         Advances `length` (the global attention of an "l2a" layer comes after, same step)."""
         past, window = self.length, self.window
         if self.kind == "global":
-            out = self._full(q, k, v, layout, scale, backend, route=None, dense=False)
+            out = self._attend_full(q, k, v, layout, scale, backend, route=None, dense=False)
         else:
             if self.local is None:
                 out = attn_ops.sliding_window(q, k, v, layout, window, scale, backend)
@@ -101,19 +117,26 @@ class LayerCache:
     def global_attention(self, q, k, v, layout, route, scale: float, backend: str, dense: bool) -> torch.Tensor:
         """Global attention of an "l2a" layer for the routed tokens (exact zeros elsewhere); the
         K/V of every new token are appended. Call after `self_attention` of the same step."""
-        return self._full(q, k, v, layout, scale, backend, route=route, dense=dense, past=self.length - q.shape[1])
+        return self._attend_full(q, k, v, layout, scale, backend, route=route, dense=dense, past=self.length - q.shape[1])
 
-    def _full(self, q, k, v, layout, scale, backend, route, dense, past=None):
+    @property
+    def full(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The full cache's keys and values [B, positions, H, D] (views of the buffers)."""
+        if self._full is None:
+            return None
+        return self._full[0][:, : self.length], self._full[1][:, : self.length]  # between steps: all written
+
+    def _attend_full(self, q, k, v, layout, scale, backend, route, dense, past=None):
         past = self.length if past is None else past
-        if self.full is None:  # prefill: the model's own backends
-            self.full = (k, v)
+        if self._full is None:  # prefill: the model's own backends
+            self._full = (k, v)
             if route is None or dense:
                 out = attn_ops.causal(q, k, v, layout, scale, backend)
                 return out if route is None else out.masked_fill(~route[:, :, None, None], 0.0)
             return attn_ops.conditional(q, k, v, layout, route, scale, backend)
-        keys = torch.cat([self.full[0], k], 1)
-        values = torch.cat([self.full[1], v], 1)
-        self.full = (keys, values)
+        end = past + k.shape[1]
+        self._full = (_append(self._full[0], past, k), _append(self._full[1], past, v))
+        keys, values = self._full[0][:, :end], self._full[1][:, :end]
         if route is None:
             return attend_cached(q, keys, values, past, 0, scale)
         out = torch.zeros_like(q)
@@ -122,6 +145,8 @@ class LayerCache:
         self.skipped_queries += route.numel() - routed
         if routed == 0:
             return out  # d_t = 0 for every new token: no global attention computed
+        if routed == route.numel():
+            return attend_cached(q, keys, values, past, 0, scale)
         if q.shape[1] == 1:  # decode: only the rows whose token is routed
             rows = route[:, 0].nonzero().squeeze(1)
             out[rows] = attend_cached(q[rows], keys[rows], values[rows], past, 0, scale)
@@ -141,8 +166,8 @@ class LayerCache:
     def map_batch(self, fn) -> None:
         if self.local is not None:
             self.local = tuple(fn(t) for t in self.local)
-        if self.full is not None:
-            self.full = tuple(fn(t) for t in self.full)
+        if self._full is not None:
+            self._full = tuple(fn(t) for t in self.full)
 
     def reset(self) -> None:
         self.__init__(self.kind, self.window)
@@ -235,7 +260,8 @@ class L2ACache(Cache):
     # -- reporting ---------------------------------------------------------------------------
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held now: `local` (sliding-window caches), `global` (full caches), `total`."""
+        """Bytes of the positions held: `local` (sliding-window caches), `global` (full caches),
+        `total`. After decode steps a full cache's buffer may have up to GROWTH more allocated."""
         local = sum(layer.nbytes()["local"] for layer in self.layers)
         full = sum(layer.nbytes()["full"] for layer in self.layers)
         return {"local": local, "global": full, "total": local + full}

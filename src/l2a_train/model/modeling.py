@@ -136,7 +136,9 @@ class L2AModelMixin:
         if past and cache.batch_size not in (-1, batch):
             raise ValueError(f"the cache holds {cache.batch_size} rows, the input has {batch}")
         expected = (torch.arange(length, device=device) + past).expand(batch, length)
-        if document_ids is not None or (position_ids is not None and not torch.equal(position_ids.to(device), expected)):
+        if position_ids is not None and position_ids.shape[-1] == length:
+            position_ids = position_ids.to(device).expand(batch, length)
+        if document_ids is not None or (position_ids is not None and not torch.equal(position_ids, expected)):
             raise ValueError(
                 f"with a KV cache each row must be one document at consecutive positions continuing at {past} "
                 "(no packed documents, no padding); run packed rows without a cache"
