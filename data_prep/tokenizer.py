@@ -146,8 +146,9 @@ class Encoder:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         out = []
         for enc in self._encode(texts, add_special_tokens=False):
-            ids = np.empty(len(enc.ids) + len(self.prefix) + 1, dtype=np.int32)
-            ids[len(self.prefix) : -1] = enc.ids
+            body = enc.ids  # a new Python list on every access: take it once
+            ids = np.empty(len(body) + len(self.prefix) + 1, dtype=np.int32)
+            ids[len(self.prefix) : -1] = body
             ids[: len(self.prefix)] = self.prefix
             ids[-1] = self.eos_id
             out.append(ids)
