@@ -19,6 +19,8 @@ import logging
 import math
 import os
 import resource
+import secrets
+import string
 import sys
 from pathlib import Path
 
@@ -178,8 +180,9 @@ class MetricsLogger:
     def _init_wandb(self, run_dir, run_name, config, logger_cfg) -> None:
         import wandb
 
-        if self.wandb_id is None:
-            self.wandb_id = wandb.util.generate_id()
+        if self.wandb_id is None:  # kept in every checkpoint, so a resumed run logs to the same wandb run
+            alphabet = string.ascii_lowercase + string.digits
+            self.wandb_id = "".join(secrets.choice(alphabet) for _ in range(8))
         self.wandb_run = wandb.init(
             project=logger_cfg.get("project", "l2a-train"),
             entity=logger_cfg.get("entity"),

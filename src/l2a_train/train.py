@@ -240,6 +240,8 @@ def run(cfg: DictConfig) -> dict:
 
     _quiet_libraries(env.rank)
     env = dist_utils.init_distributed()
+    if env.device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormal floats in early training slow CPU steps down up to 10x
     run_dir = run_directory(cfg)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,98 @@
+"""Checkpointer logic without DeepSpeed: atomic commit, `latest` written last, keep_last,
+leftovers of a killed save, resolving user paths, when a universal conversion is needed."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from l2a_configs import UserError
+from l2a_train import checkpoint as ck
+from l2a_train.distributed import world
+
+
+class FakeEngine:
+    """Writes what DeepSpeed would, or dies halfway (raise) like a killed process."""
+
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert not save_latest  # we write `latest` ourselves, last
+        folder = ck.Path(save_dir) / tag
+        folder.mkdir(parents=True)
+        (folder / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+        if self.fail:
+            raise KeyboardInterrupt("killed while writing")
+
+
+def save(cp, step, engine=None):
+    return cp.save(engine or FakeEngine(), step, {"step": step, "world_size": 1, "zero_stage": 2}, {"data": {"rows": step}})
+
+
+def test_save_commits_atomically_and_keeps_last(tmp_path):
+    cp = ck.Checkpointer(tmp_path, keep_last=2, env=world())
+    for step in (10, 20, 30):
+        path = save(cp, step)
+        assert path.name == ck.tag_for(step) and (path / ck.STATE_FILE).is_file()
+        assert (tmp_path / "checkpoints" / "latest").read_text().strip() == path.name
+    assert [p.name for p in ck.complete_checkpoints(cp.dir)] == ["step_00000020", "step_00000030"]
+    state = ck.read_state(cp.latest())
+    assert state["format"] == ck.STATE_FORMAT and state["step"] == 30
+    rank = torch.load(cp.latest() / "rank_00000.pt", weights_only=False)
+    assert rank["data"] == {"rows": 30} and set(rank["rng"]) >= {"python", "numpy", "torch"}
+    assert save(cp, 30) == cp.latest()  # saving a step again is a no-op
+
+
+def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path):
+    cp = ck.Checkpointer(tmp_path, keep_last=3, env=world())
+    save(cp, 1)
+    with pytest.raises(KeyboardInterrupt):
+        save(cp, 2, FakeEngine(fail=True))
+    assert (cp.dir / ".tmp-step_00000002").is_dir()
+    assert cp.latest().name == "step_00000001"
+    assert (cp.dir / "latest").read_text().strip() == "step_00000001"
+    save(cp, 2)  # the retry replaces the leftover
+    assert cp.latest().name == "step_00000002" and not list(cp.dir.glob(".tmp-*"))
+
+
+def test_folder_without_state_is_not_complete(tmp_path):
+    (tmp_path / "checkpoints" / "step_00000009").mkdir(parents=True)  # renamed? never: no trainer_state.json
+    assert ck.Checkpointer(tmp_path, 1, world()).latest() is None
+
+
+def test_resolve_checkpoint_paths(tmp_path):
+    cp = ck.Checkpointer(tmp_path / "run", keep_last=2, env=world())
+    save(cp, 5)
+    last = save(cp, 7)
+    for given in (last, cp.dir, tmp_path / "run"):
+        assert ck.resolve_checkpoint(given, "trainer.resume") == last
+    with pytest.raises(UserError, match="trainer.resume=.*no complete checkpoint"):
+        ck.resolve_checkpoint(tmp_path / "empty", "trainer.resume")
+
+
+@pytest.mark.parametrize(
+    "saved, now, needed",
+    [((1, 2), (1, 2), False), ((2, 2), (1, 2), True), ((2, 0), (4, 0), False), ((2, 3), (2, 2), True),
+     ((8, 3), (4, 3), True)],
+)
+def test_needs_universal(saved, now, needed):
+    state = {"world_size": saved[0], "zero_stage": saved[1]}
+    assert ck.needs_universal(state, *now) is needed
+
+
+def test_rng_round_trip():
+    ck.seed_everything(3)
+    state = ck.rng_state()
+    a = (random.random(), torch.rand(2))
+    ck.set_rng_state(state)
+    b = (random.random(), torch.rand(2))
+    assert a[0] == b[0] and torch.equal(a[1], b[1])
+
+
+def test_fault_spec(monkeypatch):
+    monkeypatch.setenv("L2A_FAULT", "nan_at:2,4;kill_in_save:1")
+    assert ck.fault_steps("nan_at") == {2, 4} and ck.fault_steps("kill_in_save") == {1}
+    assert ck.fault_steps("sigterm_at") == set()
+    json.dumps(ck.fault_steps("nan_at"), default=list)

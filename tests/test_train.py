@@ -1,0 +1,341 @@
+"""The trainer end to end on CPU (gloo), with the real L2A model and real packed data.
+
+To keep the suite fast, single-process runs share one Python process (`_runner`: imports and
+DeepSpeed start-up are paid once) and every run is tiny: 4-layer model, rows of 128 tokens,
+6 steps. What is checked:
+
+- a quickstart-like run: the loss goes down; metrics.jsonl, checkpoint, curves.png, summary,
+  Hugging Face export (reloadable) and wandb (offline) files exist with the expected fields;
+- ZeRO-2 and ZeRO-3 with 2 processes (torchrun) give the losses of 1 process with the same
+  global batch;
+- 6 steps in one go == 3 steps + SIGTERM (save, exit) + resume + a SIGKILL in the middle of a
+  checkpoint write + resume (identical losses, routing and gradient norms);
+- a checkpoint of 2 processes resumes in 1 process (DeepSpeed universal checkpoint);
+- a new stage starts from another run's weights with fresh step, schedule and data;
+- a NaN/Inf loss skips the update (ZeRO-0 and ZeRO-2), then saves and stops with one line;
+- a 2x2 sweep gives 4 run directories and summary.md; config errors give one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+STEPS = 6
+
+RUNNER = r"""
+import json, os, sys
+from l2a_configs import UserError, compose
+from l2a_train.train import run
+
+results = []
+for job in json.loads(sys.argv[1]):
+    os.environ.pop("L2A_FAULT", None)
+    if job.get("fault"):
+        os.environ["L2A_FAULT"] = job["fault"]
+    try:
+        run(compose("train", job["overrides"]))
+        results.append({"status": "ok"})
+    except UserError as err:
+        results.append({"status": "user_error", "message": str(err)})
+    except SystemExit as err:
+        results.append({"status": "exit", "code": err.code})
+print("RESULTS " + json.dumps(results), flush=True)
+"""
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    env.pop("L2A_FAULT", None)
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        TOKENIZERS_PARALLELISM="false",
+        # DeepSpeed compiles a small CPU communication op on first use (~25 s); keep it cached
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions"),
+    )
+    env.update(extra)
+    return env
+
+
+def _run(cmd, cwd, timeout=300, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def _runner(jobs, cwd) -> list[dict]:
+    proc = _run([sys.executable, "-c", RUNNER, json.dumps(jobs)], cwd, timeout=400)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"runner failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def _base(data, root, *extra) -> list[str]:
+    return [f"data.path={data}", "model.path=null", "l2a.window=32", f"trainer.steps={STEPS}",
+            "trainer.warmup_steps=2", f"run_root={root}", *extra]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def data(work):
+    """A small packed data set written by the real `l2a-prep` (rows of 128 tokens)."""
+    out = work / "data"
+    proc = _run([BIN / "l2a-prep", "prep=quickstart", f"output={out}", "seq_len=128", "max_tokens=40000",
+                 "tokenizer.train.sample_chars=200000", f"tokenizer.train.cache_dir={work / 'tokenizers'}",
+                 "progress=false"], work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(work, data):
+    """The single-process runs, in one process."""
+    jobs = {
+        # quickstart-like: ZeRO-2, 4 rows per step, wandb offline, HF export (the parity reference)
+        "ref": dict(overrides=_base(data, work / "ref", "trainer.micro_batch_size=4", "trainer.save_every=3",
+                                    "logger=wandb")),
+        # 2 rows x 2 accumulation steps, uninterrupted (the resume reference)
+        "accum": dict(overrides=_base(data, work / "accum", "trainer.micro_batch_size=2", "trainer.grad_accum=2",
+                                      "trainer.save_every=2", "trainer.export_hf=false")),
+        # the same run, stopped by SIGTERM after step 3 (it saves, then exits 128 + 15)
+        "sigterm": dict(overrides=_base(data, work / "resume", "trainer.micro_batch_size=2", "trainer.grad_accum=2",
+                                        "trainer.save_every=2", "trainer.export_hf=false"), fault="sigterm_at:3"),
+        # NaN losses at steps 2 and 4; one bad step allowed: 2 is skipped, 4 stops the run
+        "nan0": dict(overrides=_base(data, work / "nan0", "deepspeed=zero0", "trainer.micro_batch_size=2",
+                                     "trainer.max_bad_steps=1", "trainer.save_every=0"), fault="nan_at:2,4"),
+        "nan2": dict(overrides=_base(data, work / "nan2", "trainer.micro_batch_size=2", "trainer.max_bad_steps=1",
+                                     "trainer.save_every=0"), fault="nan_at:2,4"),
+        # a new stage from the reference's final checkpoint: weights only, fresh step/schedule/data
+        "stage": dict(overrides=_base(data, work / "stage", "trainer.micro_batch_size=4", "trainer.steps=2",
+                                      "trainer.warmup_steps=1", f"trainer.init_from={work / 'ref' / 'quickstart'}",
+                                      "trainer.export_hf=false")),
+    }
+    results = _runner(list(jobs.values()), work)
+    return dict(zip(jobs, results))
+
+
+@pytest.fixture(scope="module")
+def parallel(work, data, single):
+    """ZeRO-2 and ZeRO-3 with 2 processes, 2 rows each: the global batch of the reference."""
+    out = {}
+    for stage in ("zero2", "zero3"):
+        root = work / f"par_{stage}"
+        proc = _run([BIN / "torchrun", "--standalone", "--nproc_per_node=2", "-m", "l2a_train.train",
+                     *_base(data, root, f"deepspeed={stage}", "trainer.micro_batch_size=2", "trainer.save_every=3")],
+                    work)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out[stage] = root / "quickstart"
+    return out
+
+
+def test_quickstart_like_run(work, single):
+    assert single["ref"] == {"status": "ok"}
+    run_dir = work / "ref" / "quickstart"
+    metrics = _metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    fields = {"step", "tokens", "loss", "lm_loss", "reg", "lambda", "lr", "grad_norm", "routed_fraction", "skip_rate",
+              "routed_per_layer", "mean_prob_per_layer", "tokens_per_s", "mfu", "peak_mem_gib", "step_time_s",
+              "elapsed_s", "skipped"}
+    assert fields <= set(metrics[0])
+    assert len(metrics[0]["routed_per_layer"]) == 4 and len(metrics[0]["mean_prob_per_layer"]) == 4
+    assert metrics[0]["routed_fraction"] == 1.0  # the router starts at zero: p = 0.5, every token routed
+    assert metrics[-1]["lm_loss"] < metrics[0]["lm_loss"] - 0.2
+    assert [m["lambda"] for m in metrics[:2]] == [0.0, 0.0] and metrics[-1]["lambda"] > 0  # 0 during warmup
+    assert metrics[-1]["tokens"] == STEPS * 4 * 128 and metrics[-1]["tokens_per_s"] > 0
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_00000003", "step_00000006"]
+    state = json.loads((run_dir / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["step"] == STEPS and state["tokens_seen"] == STEPS * 512 and state["wandb_id"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert (run_dir / "curves.png").stat().st_size > 10_000
+    assert list((run_dir / "wandb").glob(f"offline-run-*-{state['wandb_id']}"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["steps"] == STEPS
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "deepspeed_config.json").is_file()
+
+    from transformers import AutoModelForCausalLM
+
+    import l2a_train  # noqa: F401  (registers the L2A model types)
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    assert model.config.model_type == "l2a_qwen3" and (run_dir / "hf" / "model.safetensors").is_file()
+    assert (run_dir / "hf" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_two_processes_match_one(work, single, parallel, stage):
+    ref = _metrics(work / "ref" / "quickstart")
+    par = _metrics(parallel[stage])
+    assert [m["step"] for m in par] == [m["step"] for m in ref]
+    for a, b in zip(ref, par):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["routed_per_layer"] == pytest.approx(a["routed_per_layer"], abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["tokens"] == a["tokens"]
+    if stage == "zero3":  # the consolidated export gathers the partitioned weights
+        from safetensors.torch import load_file
+
+        a = load_file(work / "ref" / "quickstart" / "hf" / "model.safetensors")
+        b = load_file(parallel[stage] / "hf" / "model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert (a[key] - b[key]).abs().max() < 1e-4, key
+
+
+def test_resume_after_sigterm_and_kill_during_save_is_exact(work, data, single):
+    assert single["sigterm"] == {"status": "exit", "code": 128 + signal.SIGTERM}
+    run_dir = work / "resume" / "quickstart"
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_00000003"  # saved on the signal
+    args = _base(data, work / "resume", "trainer.micro_batch_size=2", "trainer.grad_accum=2", "trainer.save_every=2",
+                 "trainer.export_hf=false")
+    # resume; die (SIGKILL) in the middle of the next checkpoint write (step 4)
+    proc = _run([BIN / "l2a-train", *args], work, L2A_FAULT="kill_in_save:1")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (ckpt / ".tmp-step_00000004").is_dir()  # the half-written one
+    assert (ckpt / "latest").read_text().strip() == "step_00000003"  # untouched
+    # resume again: from step 3, to the end
+    proc = _run([BIN / "l2a-train", *args], work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "resumed from" in log and "step_00000003" in log
+    assert not list(ckpt.glob(".tmp-*"))
+    reference, resumed = _metrics(work / "accum" / "quickstart"), _metrics(run_dir)
+    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(reference, resumed):
+        assert (a["loss"], a["routed_per_layer"], a["mean_prob_per_layer"], a["grad_norm"], a["tokens"]) == \
+               (b["loss"], b["routed_per_layer"], b["mean_prob_per_layer"], b["grad_norm"], b["tokens"]), a["step"]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "done"
+
+
+def test_world_size_change_resumes_through_universal_checkpoint(work, data, single, parallel):
+    """A 2-process ZeRO-2 checkpoint (step 3) continues in 1 process with the same global batch."""
+    source = parallel["zero2"] / "checkpoints" / "step_00000003"
+    results = _runner([dict(overrides=_base(data, work / "universal", "trainer.micro_batch_size=4",
+                                            f"trainer.resume={source}", "trainer.export_hf=false"))], work)
+    assert results == [{"status": "ok"}]
+    ref = {m["step"]: m for m in _metrics(work / "ref" / "quickstart")}
+    resumed = _metrics(work / "universal" / "quickstart")
+    assert [m["step"] for m in resumed] == [4, 5, 6]
+    for m in resumed:
+        assert m["loss"] == pytest.approx(ref[m["step"]]["loss"], rel=1e-5)
+        assert m["routed_per_layer"] == pytest.approx(ref[m["step"]]["routed_per_layer"], abs=1e-6)
+
+
+def test_new_stage_starts_from_weights_with_fresh_schedule(work, single):
+    assert single["stage"] == {"status": "ok"}
+    ref, stage = _metrics(work / "ref" / "quickstart"), _metrics(work / "stage" / "quickstart")
+    assert [m["step"] for m in stage] == [1, 2]
+    assert stage[0]["lambda"] == 0.0 and stage[0]["lr"] == pytest.approx(2e-3)  # warmup of 1 step, from step 1
+    assert stage[0]["tokens"] == 512  # data and token count start over
+    assert stage[0]["lm_loss"] < ref[0]["lm_loss"] - 0.2  # trained weights, not a fresh model
+
+
+@pytest.mark.parametrize("name", ["nan0", "nan2"])
+def test_nan_steps_are_skipped_then_run_stops(work, single, name):
+    result = single[name]
+    assert result["status"] == "user_error"
+    assert "non-finite" in result["message"] and "trainer.max_bad_steps=1" in result["message"]
+    assert "\n" not in result["message"]
+    metrics = _metrics(work / name / "quickstart")
+    assert [(m["step"], m["skipped"]) for m in metrics] == [(1, False), (2, True), (3, False), (4, True)]
+    assert metrics[1]["loss"] is None  # NaN is written as null
+    assert metrics[2]["loss"] is not None and metrics[2]["grad_norm"] is not None  # weights not poisoned
+    state = json.loads((work / name / "quickstart" / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+
+
+def test_nan_skip_is_the_same_in_zero0_and_zero2(work, single):
+    a, b = _metrics(work / "nan0" / "quickstart"), _metrics(work / "nan2" / "quickstart")
+    assert a[2]["loss"] == pytest.approx(b[2]["loss"], rel=1e-6)
+
+
+def test_sweep_2x2_writes_four_runs_and_a_summary(work, data):
+    proc = _run([BIN / "l2a-train", "-m", *_base(data, work / "sweep", "trainer.steps=2", "trainer.warmup_steps=1",
+                                                  "trainer.micro_batch_size=2", "trainer.save_every=0",
+                                                  "trainer.export_hf=false"),
+                 "l2a.window=16,32", "l2a.regularizer.lambda_max=1e-5,1e-4"], work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = work / "sweep" / "quickstart-sweep"
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == sorted(f"l2a.window={w},l2a.regularizer.lambda_max={l}" for w in (16, 32) for l in ("1e-05", "0.0001"))
+    for job in jobs:
+        assert (sweep / job / "metrics.jsonl").is_file() and (sweep / job / "curves.png").is_file()
+    table = (sweep / "summary.md").read_text()
+    rows = [l for l in table.splitlines() if l.startswith("| l2a.window=")]
+    assert len(rows) == 4 and all(r.rstrip().endswith("| done |") for r in rows)
+    assert "final loss" in table and "tokens/s" in table and "skip rate" in table
+
+
+def test_plot_cli_several_runs(work, single, tmp_path):
+    from l2a_train.plot import main
+
+    out = tmp_path / "two.png"
+    main([str(work / "ref" / "quickstart"), str(work / "accum" / "quickstart"), "--out", str(out), "--smooth", "2"])
+    assert out.stat().st_size > 10_000
+    with pytest.raises(SystemExit) as err:
+        main([str(tmp_path / "nothing"), "--out", str(out)])
+    assert err.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Config errors: one clear line, before any heavy work
+
+
+def _check(data, *overrides, world_size=1):
+    from l2a_configs import compose
+    from l2a_train.train import check_config
+
+    return check_config(compose("train", [f"data.path={data}", "model.path=null", "l2a.window=32", *overrides]),
+                        world_size)
+
+
+@pytest.mark.parametrize(
+    "overrides, world, expected",
+    [
+        (["data.path=/no/such/data"], 1, "no manifest.json"),
+        (["model.path=/no/such/model"], 1, "model.path=/no/such/model does not exist"),
+        (["l2a.window=128"], 1, "l2a.window=128 is not smaller than the rows' 128 tokens"),
+        (["model.config.max_position_embeddings=64"], 1, "exceed the model's max_position_embeddings=64"),
+        (["trainer.global_batch_size=6", "trainer.micro_batch_size=4"], 1, "not a multiple of micro_batch_size"),
+        (["trainer.global_batch_size=6", "trainer.micro_batch_size=2"], 2, "not a multiple of micro_batch_size"),
+        (["trainer.lr_schedule=step"], 1, "trainer.lr_schedule='step'"),
+        (["trainer.warmup_steps=500", "trainer.steps=10"], 1, "below trainer.steps=10"),
+        (["model.config.vocab_size=1000"], 1, "vocab_size=1000"),
+        (["trainer.init_from=/no/such/run"], 1, "trainer.init_from=/no/such/run does not exist"),
+    ],
+)
+def test_config_errors(data, overrides, world, expected):
+    from l2a_configs import UserError
+
+    with pytest.raises(UserError) as err:
+        _check(data, *overrides, world_size=world)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_config_plan(data):
+    plan = _check(data, "trainer.global_batch_size=8", "trainer.micro_batch_size=2", world_size=2)
+    assert plan["grad_accum"] == 2 and plan["seq_len"] == 128
+    assert _check(data, "model.config.max_position_embeddings=64", "model.max_position_embeddings=128")["seq_len"] == 128
+
+
+def test_config_error_cli_one_line_exit_2(work, data):
+    proc = _run([BIN / "l2a-train", f"data.path={data}", "model.path=null", "l2a.window=4095"], work)
+    assert proc.returncode == 2
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "l2a.window=4095" in errors[0] and "Traceback" not in proc.stderr

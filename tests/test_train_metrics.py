@@ -1,0 +1,77 @@
+"""Metric helpers: FLOPs estimate, routing summary, sweep folder names and summary table."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from l2a_train.metrics import FlopsCounter, MetricsLogger, read_metrics, summarize_routing
+from l2a_train.sweep import job_dirname, swept_keys, write_sweep_summary
+
+
+class TinyModel(torch.nn.Module):
+    def __init__(self, tied=True):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.body = torch.nn.Linear(4, 4, bias=False)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+        self.config = SimpleNamespace(hidden_size=4, num_attention_heads=2, head_dim=2, num_hidden_layers=2,
+                                      l2a_window=2, l2a_layer_types=["l2a", "global"])
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_flops_counter_by_hand():
+    fc = FlopsCounter(TinyModel())
+    assert fc.params == 16 + 40  # body + tied head (the embedding lookup is not a matmul)
+    counts = fc.key_counts(torch.tensor([[0, 1, 2, 0]]))  # keys: 1,2,3,1 = 7; window 2: 1,2,2,1 = 6
+    assert counts.tolist() == [4.0, 7.0, 6.0]
+    flops = fc.step_flops(counts, [0.5, 1.0])
+    assert flops == pytest.approx(6 * 56 * 4 + 12 * 4 * ((6 + 0.5 * 7) + 7))
+
+
+def test_routing_summary_uses_l2a_layers():
+    assert summarize_routing([0.2, 1.0, 0.4], ["l2a", "global", "l2a"]) == pytest.approx(0.3)
+    assert summarize_routing([1.0, 0.0], ["global", "swa"]) == pytest.approx(0.5)
+
+
+def test_metrics_logger_truncates_on_resume(tmp_path):
+    from omegaconf import OmegaConf
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "lm_loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    logger = MetricsLogger(tmp_path, enabled=True, total_steps=5, start_step=2, run_name="t", config={},
+                           logger_cfg=OmegaConf.create({"wandb": False}), wandb_id=None, progress=False)
+    logger.log({"step": 3, "lm_loss": float("nan"), "routed_fraction": 0.5})
+    logger.close()
+    assert [(m["step"], m["lm_loss"]) for m in read_metrics(tmp_path)] == [(1, 1.0), (2, 1.0), (3, None)]
+
+
+def test_job_dirname_keeps_swept_keys(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["l2a-train", "-m", "data.path=/x/y", "l2a.window=16,32", "trainer.lr=1e-3"])
+    assert swept_keys() == {"l2a.window"}
+    assert job_dirname(["data.path=/x/y", "l2a.window=16", "trainer.lr=1e-3"]) == "l2a.window=16"
+    monkeypatch.setattr("sys.argv", ["l2a-train"])
+    assert job_dirname(["data.path=/x/y"]) == "data.path=_x_y"
+    assert len(job_dirname([f"k{i}=" + "v" * 30 for i in range(10)])) <= 120
+
+
+def test_sweep_summary_table(tmp_path):
+    for name, loss in (("a=1", 2.0), ("a=2", 1.0)):
+        job = tmp_path / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- {name}\n- trainer.steps=2\n")
+        (job / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "lm_loss": loss, "skip_rate": 0.5, "tokens_per_s": 100.0}) + "\n" for s in (1, 2)))
+    (tmp_path / "a=2" / "summary.json").write_text(json.dumps({"steps": 2, "final_loss": 1.0, "final_skip_rate": 0.5,
+                                                                "tokens_per_s": 100.0, "status": "done"}))
+    table = write_sweep_summary(tmp_path).read_text()
+    assert "common overrides: `trainer.steps=2`" in table
+    assert "| a=1 | 2 | 2.0000 | 0.500 | 100 |" in table and "running or killed" in table
+    assert "| a=2 | 2 | 1.0000 |" in table and "| done |" in table
