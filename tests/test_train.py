@@ -31,7 +31,7 @@ BIN = Path(sys.executable).parent
 STEPS = 6
 
 RUNNER = r"""
-import json, os, sys
+import json, os, sys, time
 from l2a_configs import UserError, compose
 from l2a_train.train import run
 
@@ -40,6 +40,7 @@ for job in json.loads(sys.argv[1]):
     os.environ.pop("L2A_FAULT", None)
     if job.get("fault"):
         os.environ["L2A_FAULT"] = job["fault"]
+    started = time.time()
     try:
         run(compose("train", job["overrides"]))
         results.append({"status": "ok"})
@@ -47,6 +48,7 @@ for job in json.loads(sys.argv[1]):
         results.append({"status": "user_error", "message": str(err)})
     except SystemExit as err:
         results.append({"status": "exit", "code": err.code})
+    print(f"job {len(results)}: {time.time() - started:.1f} s", file=sys.stderr, flush=True)
 print("RESULTS " + json.dumps(results), flush=True)
 """
 
@@ -131,16 +133,32 @@ def single(work, data):
 
 @pytest.fixture(scope="module")
 def parallel(work, data, single):
-    """ZeRO-2 and ZeRO-3 with 2 processes, 2 rows each: the global batch of the reference."""
-    out = {}
-    for stage in ("zero2", "zero3"):
-        root = work / f"par_{stage}"
-        proc = _run([BIN / "torchrun", "--standalone", "--nproc_per_node=2", "-m", "l2a_train.train",
-                     *_base(data, root, f"deepspeed={stage}", "trainer.micro_batch_size=2", "trainer.save_every=3")],
-                    work)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        out[stage] = root / "quickstart"
-    return out
+    """ZeRO-2 and ZeRO-3 with 2 processes, 2 rows each (the reference's global batch): one torchrun
+    launch running a 2-job sweep, which also covers multirun under torchrun."""
+    root = work / "par"
+    proc = _run([BIN / "torchrun", "--standalone", "--nproc_per_node=2", "-m", "l2a_train.train", "-m",
+                 *_base(data, root, "trainer.micro_batch_size=2", "trainer.save_every=3"), "deepspeed=zero2,zero3"],
+                work)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {stage: root / "quickstart-sweep" / f"deepspeed={stage}" for stage in ("zero2", "zero3")}
+
+
+@pytest.fixture(scope="module")
+def resumed(work, data, single, parallel):
+    """After the SIGTERM of `single`: resume and get killed (SIGKILL) in the middle of the next
+    checkpoint write; then, in one process, resume again to the end, and resume the 2-process
+    ZeRO-2 checkpoint of step 3 in 1 process (universal checkpoint)."""
+    args = _base(data, work / "resume", "trainer.micro_batch_size=2", "trainer.grad_accum=2", "trainer.save_every=2",
+                 "trainer.export_hf=false")
+    killed = _run([BIN / "l2a-train", *args], work, L2A_FAULT="kill_in_save:1")
+    ckpt = work / "resume" / "quickstart" / "checkpoints"
+    after_kill = {"rc": killed.returncode, "stderr": killed.stderr[-3000:], "latest": (ckpt / "latest").read_text().strip(),
+                  "tmp": sorted(p.name for p in ckpt.glob(".tmp-*"))}
+    source = parallel["zero2"] / "checkpoints" / "step_00000003"
+    results = _runner([dict(overrides=args),
+                       dict(overrides=_base(data, work / "universal", "trainer.micro_batch_size=4",
+                                            f"trainer.resume='{source}'", "trainer.export_hf=false"))], work)
+    return {"after_kill": after_kill, "resume": results[0], "universal": results[1]}
 
 
 def test_quickstart_like_run(work, single):
@@ -197,42 +215,30 @@ def test_two_processes_match_one(work, single, parallel, stage):
             assert (a[key] - b[key]).abs().max() < 1e-4, key
 
 
-def test_resume_after_sigterm_and_kill_during_save_is_exact(work, data, single):
-    assert single["sigterm"] == {"status": "exit", "code": 128 + signal.SIGTERM}
+def test_resume_after_sigterm_and_kill_during_save_is_exact(work, single, resumed):
+    assert single["sigterm"] == {"status": "exit", "code": 128 + signal.SIGTERM}  # saved step 3, then exited
+    killed = resumed["after_kill"]
+    assert killed["rc"] == -signal.SIGKILL, killed["stderr"]
+    assert killed["tmp"] == [".tmp-step_00000004"]  # the half-written checkpoint
+    assert killed["latest"] == "step_00000003"  # the previous one untouched
+    assert resumed["resume"] == {"status": "ok"}
     run_dir = work / "resume" / "quickstart"
-    ckpt = run_dir / "checkpoints"
-    assert (ckpt / "latest").read_text().strip() == "step_00000003"  # saved on the signal
-    args = _base(data, work / "resume", "trainer.micro_batch_size=2", "trainer.grad_accum=2", "trainer.save_every=2",
-                 "trainer.export_hf=false")
-    # resume; die (SIGKILL) in the middle of the next checkpoint write (step 4)
-    proc = _run([BIN / "l2a-train", *args], work, L2A_FAULT="kill_in_save:1")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert (ckpt / ".tmp-step_00000004").is_dir()  # the half-written one
-    assert (ckpt / "latest").read_text().strip() == "step_00000003"  # untouched
-    # resume again: from step 3, to the end
-    proc = _run([BIN / "l2a-train", *args], work)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
-    assert "resumed from" in log and "step_00000003" in log
-    assert not list(ckpt.glob(".tmp-*"))
-    reference, resumed = _metrics(work / "accum" / "quickstart"), _metrics(run_dir)
-    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
-    for a, b in zip(reference, resumed):
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    reference, result = _metrics(work / "accum" / "quickstart"), _metrics(run_dir)
+    assert [m["step"] for m in result] == list(range(1, STEPS + 1))
+    for a, b in zip(reference, result):
         assert (a["loss"], a["routed_per_layer"], a["mean_prob_per_layer"], a["grad_norm"], a["tokens"]) == \
                (b["loss"], b["routed_per_layer"], b["mean_prob_per_layer"], b["grad_norm"], b["tokens"]), a["step"]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "done"
 
 
-def test_world_size_change_resumes_through_universal_checkpoint(work, data, single, parallel):
+def test_world_size_change_resumes_through_universal_checkpoint(work, resumed):
     """A 2-process ZeRO-2 checkpoint (step 3) continues in 1 process with the same global batch."""
-    source = parallel["zero2"] / "checkpoints" / "step_00000003"
-    results = _runner([dict(overrides=_base(data, work / "universal", "trainer.micro_batch_size=4",
-                                            f"trainer.resume={source}", "trainer.export_hf=false"))], work)
-    assert results == [{"status": "ok"}]
+    assert resumed["universal"] == {"status": "ok"}
     ref = {m["step"]: m for m in _metrics(work / "ref" / "quickstart")}
-    resumed = _metrics(work / "universal" / "quickstart")
-    assert [m["step"] for m in resumed] == [4, 5, 6]
-    for m in resumed:
+    result = _metrics(work / "universal" / "quickstart")
+    assert [m["step"] for m in result] == [4, 5, 6]
+    for m in result:
         assert m["loss"] == pytest.approx(ref[m["step"]]["loss"], rel=1e-5)
         assert m["routed_per_layer"] == pytest.approx(ref[m["step"]]["routed_per_layer"], abs=1e-6)
 
