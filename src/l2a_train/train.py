@@ -113,6 +113,10 @@ def _model_facts(cfg) -> dict:
 
 def check_config(cfg, world_size: int) -> dict:
     """Validate the settings; returns the plan (rows per step, grad_accum, seq_len, ...)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"required setting(s) not given: {', '.join(missing)}; set them on the command line, "
+                        "e.g. data.path=/data/my-corpus model.path=/models/my-l2a-checkpoint")
     t = cfg.trainer
     if int(t.steps) < 1:
         raise UserError(f"trainer.steps={t.steps}: need at least 1 optimizer step")
