@@ -16,7 +16,8 @@ rows that see all of it (pos >= n_last, pos < doc_end(n0), pos < n0 + W).
 
 Softmax runs in base 2 (scale * log2(e) folded into the scores); LSE is saved per row in
 those units, [num_compact, HQ] float32, for the backward. delta = rowsum(dO * O) is computed
-by the dQ kernel (which loads O and dO anyway) and then read by the dK/dV kernel.
+by the dQ kernel (which loads O and dO anyway) and then read by the dK/dV kernel; the backwards
+without a dQ kernel (DQ_MODE 1, 2 below) compute it in a small preprocess kernel.
 
 Triton reads TRITON_INTERPRET when a kernel is decorated, so this module must be imported
 (or reloaded, see ops._kernels) after the variable is set; INTERPRETED records the mode.
@@ -363,14 +364,15 @@ def _delta_kernel(O, DO, DELTA, POS, stride_ot, stride_oh, stride_dot, stride_do
 #   0: separate dQ kernel (recomputes S and dP: 3 + 4 matrix products per tile, no atomics),
 #   1: the dK/dV kernel also adds dQ tiles with float32 atomics (5 products, "dkdv_atomic"),
 #   2: as 1, through the TMA engine's bulk reduce-add ("dkdv_tma"; compiled GPUs only).
-# Chosen by `python -m l2a_kernels.bench --tune` on an H200 (docs/BENCHMARKS.md). The
+# Chosen by `python -m l2a_kernels.bench --tune` on an H200 (docs/BENCHMARKS.md): mode 0 won for
+# both head dims (the atomic traffic of modes 1 and 2 costs more than the recomputation). The
 # interpreter uses small blocks so that the CPU tests cross many block edges.
 CONFIGS = {
     "fwd": {64: (64, 64, 4, 3), 128: (128, 128, 8, 3)},
     "dq": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
     "dkdv": {64: (64, 64, 4, 3), 128: (64, 64, 4, 2)},
     "dkdv_atomic": {64: (64, 64, 4, 2), 128: (64, 128, 8, 2)},
-    "dkdv_tma": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)},
+    "dkdv_tma": {64: (64, 64, 4, 3), 128: (64, 128, 8, 2)},
 }
 DQ_MODE = {64: 0, 128: 0}
 INTERPRET_CONFIG = (16, 16, 1, 1)
