@@ -116,7 +116,8 @@ def single(work, data):
                                       "trainer.save_every=2", "trainer.export_hf=false")),
         # the same run, stopped by SIGTERM after step 3 (it saves, then exits 128 + 15)
         "sigterm": dict(overrides=_base(data, work / "resume", "trainer.micro_batch_size=2", "trainer.grad_accum=2",
-                                        "trainer.save_every=2", "trainer.export_hf=false"), fault="sigterm_at:3"),
+                                        "trainer.save_every=2", "trainer.export_hf=false", "logger=wandb"),
+                        fault="sigterm_at:3"),
         # NaN losses at steps 2 and 4; one bad step allowed: 2 is skipped, 4 stops the run
         "nan0": dict(overrides=_base(data, work / "nan0", "deepspeed=zero0", "trainer.micro_batch_size=2",
                                      "trainer.max_bad_steps=1", "trainer.save_every=0"), fault="nan_at:2,4"),
@@ -149,7 +150,7 @@ def resumed(work, data, single, parallel):
     checkpoint write; then, in one process, resume again to the end, and resume the 2-process
     ZeRO-2 checkpoint of step 3 in 1 process (universal checkpoint)."""
     args = _base(data, work / "resume", "trainer.micro_batch_size=2", "trainer.grad_accum=2", "trainer.save_every=2",
-                 "trainer.export_hf=false")
+                 "trainer.export_hf=false", "logger=wandb")
     killed = _run([BIN / "l2a-train", *args], work, L2A_FAULT="kill_in_save:1")
     ckpt = work / "resume" / "quickstart" / "checkpoints"
     after_kill = {"rc": killed.returncode, "stderr": killed.stderr[-3000:], "latest": (ckpt / "latest").read_text().strip(),
@@ -230,6 +231,9 @@ def test_resume_after_sigterm_and_kill_during_save_is_exact(work, single, resume
         assert (a["loss"], a["routed_per_layer"], a["mean_prob_per_layer"], a["grad_norm"], a["tokens"]) == \
                (b["loss"], b["routed_per_layer"], b["mean_prob_per_layer"], b["grad_norm"], b["tokens"]), a["step"]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "done"
+    # one wandb run id across the three processes (offline runs, one folder per process)
+    ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) >= 2 and len(ids) == 1
 
 
 def test_world_size_change_resumes_through_universal_checkpoint(work, resumed):

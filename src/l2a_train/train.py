@@ -257,6 +257,11 @@ def run(cfg: DictConfig) -> dict:
         resume_path = checkpointer.latest()
     elif t.resume == "never":
         resume_path = None
+        if env.is_main and checkpointer.latest() is not None:  # keep the old run's checkpoints, out of the way
+            aside = checkpointer.dir.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            checkpointer.dir.rename(aside)
+            log.warning("trainer.resume=never: moved the existing checkpoints to %s", aside)
+        dist_utils.barrier()
     else:
         resume_path = ckpt_lib.resolve_checkpoint(t.resume, "trainer.resume")
     resume_state = ckpt_lib.read_state(resume_path) if resume_path else None
