@@ -73,13 +73,15 @@ def test_resolve_checkpoint_paths(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "saved, now, needed",
-    [((1, 2), (1, 2), False), ((2, 2), (1, 2), True), ((2, 0), (4, 0), False), ((2, 3), (2, 2), True),
-     ((8, 3), (4, 3), True)],
+    "saved, now, weights_only, plan",
+    [((1, 2), (1, 2), False, "direct"), ((2, 2), (1, 2), False, "universal"), ((8, 3), (4, 3), False, "universal"),
+     ((2, 0), (4, 0), False, "direct"), ((2, 3), (2, 2), False, "unsupported"), ((2, 2), (2, 3), False, "unsupported"),
+     ((2, 2), (1, 0), True, "direct"), ((2, 3), (2, 3), True, "direct"), ((2, 3), (1, 3), True, "unsupported"),
+     ((1, 2), (1, 3), True, "unsupported")],
 )
-def test_needs_universal(saved, now, needed):
+def test_load_plan(saved, now, weights_only, plan):
     state = {"world_size": saved[0], "zero_stage": saved[1]}
-    assert ck.needs_universal(state, *now) is needed
+    assert ck.load_plan(state, *now, weights_only=weights_only) == plan
 
 
 def test_rng_round_trip():

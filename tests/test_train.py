@@ -123,10 +123,6 @@ def single(work, data):
                                      "trainer.max_bad_steps=1", "trainer.save_every=0"), fault="nan_at:2,4"),
         "nan2": dict(overrides=_base(data, work / "nan2", "trainer.micro_batch_size=2", "trainer.max_bad_steps=1",
                                      "trainer.save_every=0"), fault="nan_at:2,4"),
-        # a new stage from the reference's final checkpoint: weights only, fresh step/schedule/data
-        "stage": dict(overrides=_base(data, work / "stage", "trainer.micro_batch_size=4", "trainer.steps=2",
-                                      "trainer.warmup_steps=1", f"trainer.init_from={work / 'ref' / 'quickstart'}",
-                                      "trainer.export_hf=false")),
     }
     results = _runner(list(jobs.values()), work)
     return dict(zip(jobs, results))
@@ -156,10 +152,20 @@ def resumed(work, data, single, parallel):
     after_kill = {"rc": killed.returncode, "stderr": killed.stderr[-3000:], "latest": (ckpt / "latest").read_text().strip(),
                   "tmp": sorted(p.name for p in ckpt.glob(".tmp-*"))}
     source = parallel["zero2"] / "checkpoints" / "step_00000003"
-    results = _runner([dict(overrides=args),
-                       dict(overrides=_base(data, work / "universal", "trainer.micro_batch_size=4",
-                                            f"trainer.resume='{source}'", "trainer.export_hf=false"))], work)
-    return {"after_kill": after_kill, "resume": results[0], "universal": results[1]}
+    jobs = {
+        "resume": dict(overrides=args),
+        "universal": dict(overrides=_base(data, work / "universal", "trainer.micro_batch_size=4",
+                                          f"trainer.resume='{source}'", "trainer.export_hf=false")),
+        # a new stage from the 2-process run's final weights, in 1 process: fresh step, schedule, data
+        "stage": dict(overrides=_base(data, work / "stage", "trainer.micro_batch_size=4", "trainer.steps=2",
+                                      "trainer.warmup_steps=1", f"trainer.init_from='{parallel['zero2']}'",
+                                      "trainer.export_hf=false")),
+        # ZeRO-2 optimizer state into ZeRO-3: not convertible, one clear line
+        "stage_change": dict(overrides=_base(data, work / "zero3", "deepspeed=zero3", "trainer.micro_batch_size=4",
+                                             f"trainer.resume='{source}'")),
+    }
+    results = dict(zip(jobs, _runner(list(jobs.values()), work)))
+    return {"after_kill": after_kill, **results}
 
 
 def test_quickstart_like_run(work, single):
@@ -247,8 +253,14 @@ def test_world_size_change_resumes_through_universal_checkpoint(work, resumed):
         assert m["routed_per_layer"] == pytest.approx(ref[m["step"]]["routed_per_layer"], abs=1e-6)
 
 
-def test_new_stage_starts_from_weights_with_fresh_schedule(work, single):
-    assert single["stage"] == {"status": "ok"}
+def test_zero_stage_change_stops_with_one_line(resumed):
+    result = resumed["stage_change"]
+    assert result["status"] == "user_error" and "\n" not in result["message"]
+    assert "ZeRO stage 2" in result["message"] and "deepspeed=zero2" in result["message"]
+
+
+def test_new_stage_starts_from_weights_with_fresh_schedule(work, resumed):
+    assert resumed["stage"] == {"status": "ok"}
     ref, stage = _metrics(work / "ref" / "quickstart"), _metrics(work / "stage" / "quickstart")
     assert [m["step"] for m in stage] == [1, 2]
     assert stage[0]["lambda"] == 0.0 and stage[0]["lr"] == pytest.approx(2e-3)  # warmup of 1 step, from step 1

@@ -14,8 +14,9 @@ rewrites `latest` (temp file + rename). A kill at any moment leaves the previous
 untouched; leftovers named `.tmp-*` are never loaded and are removed by the next save.
 
 Resume picks the newest complete `step_*` folder. A different world size with ZeRO stage >= 1
-goes through a DeepSpeed universal checkpoint (converted once, next to the original) or stops
-with a clear message (`trainer.universal_checkpoint=false`). The scheduler has no state: the
+goes through a DeepSpeed universal checkpoint (converted once into this run's checkpoints/) or
+stops with a clear message (`trainer.universal_checkpoint=false`); a different ZeRO stage stops
+with a clear message (the weights alone carry over through the Hugging Face export, `hf/`). The scheduler has no state: the
 learning rate and lambda are functions of the step (`schedules.py`).
 """
 
@@ -205,21 +206,30 @@ class Checkpointer:
             set_rng_state(rank_state["rng"])
         return state, rank_state
 
-    def load_weights(self, engine, path: Path, with_optimizer: bool) -> None:
+    def load_weights(self, engine, path: Path, with_optimizer: bool, universal: bool = False) -> None:
         """Initialise from another run's checkpoint (a new stage): weights, optionally the
-        optimizer; step, schedule and data start fresh."""
-        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=not with_optimizer,
+        optimizer (also across layouts, through the universal conversion); step, schedule and
+        data start fresh."""
+        source = self.universal_path(path) if universal else path
+        loaded, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_module_only=not with_optimizer,
                                            load_optimizer_states=with_optimizer, load_lr_scheduler_states=False)
         if loaded is None:
             raise UserError(f"trainer.init_from={path}: DeepSpeed could not load this checkpoint")
 
 
-def needs_universal(state: dict, world_size: int, zero_stage: int) -> bool:
-    """Whether a checkpoint saved with `state` needs conversion to load here."""
+def load_plan(state: dict, world_size: int, zero_stage: int, weights_only: bool = False) -> str:
+    """How a checkpoint saved with `state` loads into this run: "direct", "universal" (DeepSpeed
+    universal checkpoint, for a new world size at the same ZeRO stage) or "unsupported"."""
     saved_world, saved_stage = int(state.get("world_size", world_size)), int(state.get("zero_stage", zero_stage))
-    if saved_world == world_size and saved_stage == zero_stage:
-        return False
-    return max(saved_stage, zero_stage) > 0
+    if weights_only:
+        if saved_stage <= 2 and zero_stage <= 2:  # whole module weights sit in mp_rank_00_model_states.pt
+            return "direct"
+        return "direct" if (saved_world, saved_stage) == (world_size, zero_stage) else "unsupported"
+    if saved_stage != zero_stage:
+        return "unsupported"  # DeepSpeed's conversion does not change stages
+    if saved_world == world_size or zero_stage == 0:  # ZeRO-0 optimizer state is not partitioned
+        return "direct"
+    return "universal"
 
 
 def convert_to_universal(path: Path, out: Path) -> Path:

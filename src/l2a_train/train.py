@@ -265,17 +265,30 @@ def run(cfg: DictConfig) -> dict:
     else:
         resume_path = ckpt_lib.resolve_checkpoint(t.resume, "trainer.resume")
     resume_state = ckpt_lib.read_state(resume_path) if resume_path else None
-    universal = bool(resume_state) and ckpt_lib.needs_universal(resume_state, env.world_size, zero_stage)
+    init_path = None
+    if resume_path is None and t.get("init_from"):  # a new stage: another run's weights (and optimizer)
+        init_path = ckpt_lib.resolve_checkpoint(t.init_from, "trainer.init_from")
+    source = resume_path or init_path
+    universal = False
+    if source is not None:
+        source_state = ckpt_lib.read_state(source)
+        weights_only = init_path is not None and not t.init_optimizer
+        how = ckpt_lib.load_plan(source_state, env.world_size, zero_stage, weights_only)
+        saved = (f"{source} was saved with world size {source_state.get('world_size')} and ZeRO stage "
+                 f"{source_state.get('zero_stage')}, this run has world size {env.world_size} and ZeRO stage {zero_stage}")
+        if how == "unsupported":
+            raise UserError(f"{saved}: DeepSpeed cannot convert that; relaunch with the saved ZeRO stage "
+                            f"(deepspeed=zero{source_state.get('zero_stage')}), or start a new run from its weights "
+                            f"with model.path={source.parent.parent / 'hf'} (the run's Hugging Face export)")
+        if how == "universal" and not t.universal_checkpoint:
+            raise UserError(f"{saved}; relaunch with the saved world size, or set trainer.universal_checkpoint=true "
+                            "to convert it (DeepSpeed universal checkpoint)")
+        universal = how == "universal"
     if universal:
-        saved = f"world size {resume_state.get('world_size')} and ZeRO stage {resume_state.get('zero_stage')}"
-        if not t.universal_checkpoint:
-            raise UserError(f"{resume_path} was saved with {saved}, this run has world size {env.world_size} and "
-                            f"ZeRO stage {zero_stage}; relaunch with the original layout, or set "
-                            "trainer.universal_checkpoint=true to convert it")
         error = None
         if env.is_main:
             try:
-                ckpt_lib.convert_to_universal(resume_path, checkpointer.universal_path(resume_path))
+                ckpt_lib.convert_to_universal(source, checkpointer.universal_path(source))
             except UserError as err:
                 error = str(err)
         error = dist_utils.broadcast_object(error)
@@ -305,9 +318,9 @@ def run(cfg: DictConfig) -> dict:
     for name, p in module.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "router" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": float(t.weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": float(t.weight_decay)}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=float(t.lr), betas=tuple(t.betas), eps=float(t.eps), fused=env.device.type == "cuda")
+        [g for g in groups if g["params"]], lr=float(t.lr), betas=tuple(t.betas), eps=float(t.eps), fused=env.device.type == "cuda")
     ds_config = deepspeed_config(cfg, grad_accum, universal)
     engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     plain_optimizer = zero_stage == 0 and t.precision != "bf16"  # DeepSpeed steps our AdamW directly
@@ -320,10 +333,9 @@ def run(cfg: DictConfig) -> dict:
         elapsed, wandb_id = float(state.get("elapsed_s", 0.0)), state.get("wandb_id")  # bad steps: a new budget
         loader.load_state_dict(rank_state["data"])
         log.info("resumed from %s at step %d (%d tokens seen)", resume_path, step, tokens_seen)
-    elif t.get("init_from"):
-        source = ckpt_lib.resolve_checkpoint(t.init_from, "trainer.init_from")
-        checkpointer.load_weights(engine, source, with_optimizer=bool(t.init_optimizer))
-        log.info("initialised from %s (%s); step, schedule and data start fresh", source,
+    elif init_path is not None:
+        checkpointer.load_weights(engine, init_path, with_optimizer=bool(t.init_optimizer), universal=universal)
+        log.info("initialised from %s (%s); step, schedule and data start fresh", init_path,
                  "weights and optimizer" if t.init_optimizer else "weights")
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
