@@ -13,7 +13,7 @@ optimizer steps. One step:
     for each micro-batch:  hidden, R = model(ids)                         # routing seeded by the micro-step
                            loss = CE(hidden @ lm_head) / tokens + lambda R   # fused, no full logits
                            engine.backward(loss); engine.step()            # the last one updates
-    metrics (one all-reduce), NaN/Inf check, checkpoint every N steps / on SIGTERM or SIGUSR1
+    metrics (two small all-reduces), NaN/Inf check, checkpoint every N steps / on SIGTERM or SIGUSR1
 
 The LM loss is normalised by the number of target tokens of the whole global batch (all ranks
 and micro-steps), so the update does not depend on how the batch is split across processes.
@@ -419,6 +419,8 @@ def run(cfg: DictConfig) -> dict:
                 grad_norm = float(grad_norm) if grad_norm is not None else None
             skipped = not finite or not engine.was_step_applied() or (grad_norm is not None and not math.isfinite(grad_norm))
             step += 1
+            if env.device.type == "cuda":
+                torch.cuda.synchronize(env.device)  # honest step times for tokens/s and MFU
             step_time = time.perf_counter() - started
             elapsed += step_time
             tokens_seen += int(counts[1])
