@@ -361,3 +361,22 @@ def test_config_error_cli_one_line_exit_2(work, data):
     assert proc.returncode == 2
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "l2a.window=4095" in errors[0] and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the same trainer with CUDA, bf16, the L2A kernels and liger's fused cross-entropy
+
+
+@pytest.mark.gpu
+def test_gpu_smoke_bf16_kernels_liger(work, data):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    results = _runner([dict(overrides=_base(data, work / "gpu", "trainer.precision=bf16", "trainer.micro_batch_size=4",
+                                            "trainer.grad_checkpointing=true", "trainer.save_every=3"))], work)
+    assert results == [{"status": "ok"}]
+    metrics = _metrics(work / "gpu" / "quickstart")
+    assert metrics[-1]["lm_loss"] < metrics[0]["lm_loss"] and not any(m["skipped"] for m in metrics)
+    assert metrics[-1]["mfu"] is None or 0 < metrics[-1]["mfu"] < 1
+    assert (work / "gpu" / "quickstart" / "hf" / "model.safetensors").is_file()
