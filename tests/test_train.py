@@ -118,6 +118,9 @@ def single(work, data):
         "sigterm": dict(overrides=_base(data, work / "resume", "trainer.micro_batch_size=2", "trainer.grad_accum=2",
                                         "trainer.save_every=2", "trainer.export_hf=false", "logger=wandb"),
                         fault="sigterm_at:3"),
+        # the same run split by trainer.stop_at=3 (clean stop with a checkpoint; resumed in `resumed`)
+        "stop_at": dict(overrides=_base(data, work / "stop_at", "trainer.micro_batch_size=2", "trainer.grad_accum=2",
+                                        "trainer.save_every=0", "trainer.export_hf=false", "trainer.stop_at=3")),
         # NaN losses at steps 2 and 4; one bad step allowed: 2 is skipped, 4 stops the run
         "nan0": dict(overrides=_base(data, work / "nan0", "deepspeed=zero0", "trainer.micro_batch_size=2",
                                      "trainer.max_bad_steps=1", "trainer.save_every=0"), fault="nan_at:2,4"),
@@ -154,6 +157,8 @@ def resumed(work, data, single, parallel):
     source = parallel["zero2"] / "checkpoints" / "step_00000003"
     jobs = {
         "resume": dict(overrides=args),
+        "stop_at": dict(overrides=_base(data, work / "stop_at", "trainer.micro_batch_size=2", "trainer.grad_accum=2",
+                                        "trainer.save_every=0", "trainer.export_hf=false")),
         "universal": dict(overrides=_base(data, work / "universal", "trainer.micro_batch_size=4",
                                           f"trainer.resume='{source}'", "trainer.export_hf=false")),
         # a new stage from the 2-process run's final weights, in 1 process: fresh step, schedule, data
@@ -240,6 +245,15 @@ def test_resume_after_sigterm_and_kill_during_save_is_exact(work, single, resume
     # one wandb run id across the three processes (offline runs, one folder per process)
     ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) >= 2 and len(ids) == 1
+
+
+def test_stop_at_then_resume_is_exact(work, single, resumed):
+    assert single["stop_at"] == {"status": "ok"} and resumed["stop_at"] == {"status": "ok"}
+    reference, result = _metrics(work / "accum" / "quickstart"), _metrics(work / "stop_at" / "quickstart")
+    assert [m["step"] for m in result] == list(range(1, STEPS + 1))
+    assert [(m["loss"], m["routed_per_layer"]) for m in result] == [(m["loss"], m["routed_per_layer"]) for m in reference]
+    ckpts = sorted(p.name for p in (work / "stop_at" / "quickstart" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000003", "step_00000006"]
 
 
 def test_world_size_change_resumes_through_universal_checkpoint(work, resumed):
