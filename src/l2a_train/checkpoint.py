@@ -16,8 +16,8 @@ untouched; leftovers named `.tmp-*` are never loaded and are removed by the next
 Resume picks the newest complete `step_*` folder. A different world size with ZeRO stage >= 1
 goes through a DeepSpeed universal checkpoint (converted once into this run's checkpoints/) or
 stops with a clear message (`trainer.universal_checkpoint=false`); a different ZeRO stage stops
-with a clear message (the weights alone carry over through the Hugging Face export, `hf/`). The scheduler has no state: the
-learning rate and lambda are functions of the step (`schedules.py`).
+with a clear message (the weights alone carry over through the Hugging Face export, `hf/`).
+The scheduler has no state: the learning rate and lambda are functions of the step (`schedules.py`).
 """
 
 from __future__ import annotations
