@@ -311,9 +311,8 @@ def _pack(out: Path, cfg: dict, plan: dict, info, encoder, tokenizer_json: str, 
             if current < 0:  # no record at all: an empty shard 0 still ends the data set
                 current = 0
                 jobs[0] = open_job(0)
-            if current >= 0:  # the stream ended: this is the data set's last shard
-                flush()
-                pipe.mark((current, True))
+            flush()
+            pipe.mark((current, True))  # the stream ended: this is the data set's last shard
         flush()
         for ready in pipe.drain():
             handle(*ready)

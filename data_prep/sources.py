@@ -65,7 +65,7 @@ def _text_checks(text, ref: str, field: str) -> Record:
         return Skip("missing_text_field", ref, f"no '{field}' field")
     if not isinstance(text, str):
         return Skip("text_not_string", ref, f"'{field}' is a {type(text).__name__}, not a string")
-    if not text.strip():
+    if not text or text.isspace():  # no strip(): it would copy every document
         return Skip("empty_document", ref, "empty or whitespace-only text")
     try:  # lone surrogates from JSON escapes like "\udc80" cannot be tokenized
         text.encode("utf-8")

@@ -8,6 +8,7 @@ the text, then the end-of-document token.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -81,10 +82,8 @@ def load(path: str, eos_token: str | None, add_bos: bool | None) -> TokenizerInf
             "tokenizer directory (with tokenizer.json or tokenizer_config.json), or tokenizer.path=null "
             "for the built-in BPE"
         )
-    from transformers import AutoTokenizer
-
     try:
-        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        tok = _auto(str(directory), _files_sha256(directory))
     except Exception as err:  # transformers raises many types; the message is what matters
         raise UserError(f"tokenizer.path='{path}': cannot load a Hugging Face tokenizer ({err})") from err
     if not getattr(tok, "is_fast", False):
@@ -115,11 +114,17 @@ def load(path: str, eos_token: str | None, add_bos: bool | None) -> TokenizerInf
     )
 
 
-def backend_json(path: str) -> str:
-    """The Rust tokenizer serialised, to rebuild it cheaply in worker processes."""
+@functools.lru_cache(maxsize=4)
+def _auto(path: str, sha256: str):
+    """The transformers tokenizer of a directory, loaded once per content (loading takes ~1 s)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True).backend_tokenizer.to_str()
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def backend_json(path: str) -> str:
+    """The Rust tokenizer serialised, to rebuild it cheaply in worker processes."""
+    return _auto(path, _files_sha256(Path(path))).backend_tokenizer.to_str()
 
 
 def copy_files(src: str, dst: Path) -> None:
