@@ -12,6 +12,12 @@ import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# Triton fixes interpreted-or-compiled when a kernel is decorated, and the model package imports
+# the kernels early; without CUDA the only working mode is the interpreter, so choose it before
+# any test module imports triton (reloading the kernel module later is not reliable).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""Training throughput and peak memory: full attention vs L2A, one GPU.
+
+Issue 6's benchmark: a Qwen2.5-1.5B-shaped model with random weights (built from a config, no
+download), bf16, batch 1, gradient checkpointing, at 32K / 64K / 128K tokens per row:
+
+    python scripts/bench_train.py                                   # the GPU run (defaults below)
+    python scripts/bench_train.py --shape tiny --lengths 256 --device cpu --dtype float32 \
+        --repeats 1 --warmup 0                                      # CPU smoke test (seconds)
+
+One training step = what l2a-train does per micro-batch on one GPU: forward through the model,
+the fused linear cross-entropy (liger on CUDA) plus the router regularizer, backward, gradient
+clipping and a fused AdamW step (parameters and optimizer state in `--dtype`; the trainer's
+DeepSpeed bf16 mode adds fp32 master weights, which changes memory, not attention time).
+
+Variants (`--variants`, comma-separated):
+  full-hf   transformers' Qwen2ForCausalLM, SDPA forced to cuDNN on CUDA: the baseline
+  full      the same weights as an L2A model with every layer "global" (our kernels)
+  l2a       every layer L2A, W=`--window`; random weights have no trained router, so routing is
+            the "random" mode at `--density` (the paper's trained routers route ~20%), and the
+            stochastic dense path runs with probability `--p-dense` per layer call, as in training
+
+tokens/s = row length / median step time over `--repeats` steps after `--warmup` steps (CUDA
+synchronised). Peak memory = the most allocated on the GPU during the timed steps. Prints one
+Markdown table (and writes JSON with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+import l2a_train  # noqa: F401  (registers the L2A Auto classes)
+from l2a_train.loss import linear_cross_entropy
+from l2a_train.model import apply_trainable, convert_model
+from l2a_train.model.convert import build_base
+from l2a_train.train import CausalLMWithLoss
+
+SHAPES = {
+    # Qwen/Qwen2.5-1.5B config.json, positions extended to 128K as in the paper's recipe
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
+                         rope_theta=5.0e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                 rope_theta=1.0e4, rms_norm_eps=1e-6, tie_word_embeddings=True),
+}
+VARIANTS = ("full-hf", "full", "l2a")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b")
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    p.add_argument("--lengths", default="32768,65536,131072", help="comma-separated row lengths")
+    p.add_argument("--variants", default="full-hf,l2a")
+    p.add_argument("--window", type=int, default=4095, help="sliding window W")
+    p.add_argument("--density", type=float, default=0.2, help="fraction of tokens routed to global attention")
+    p.add_argument("--p-dense", type=float, default=0.1, help="probability of the dense global path per layer call")
+    p.add_argument("--trainable", default="all", help="all | paper (attention, norms, router) for the L2A variants")
+    p.add_argument("--no-grad-checkpointing", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    args.lengths = [int(x) for x in args.lengths.split(",") if x]
+    args.variants = [v for v in args.variants.split(",") if v]
+    bad = sorted(set(args.variants) - set(VARIANTS))
+    if bad:
+        p.error(f"unknown variants {bad}; choose from {VARIANTS}")
+    if not 0.0 <= args.density <= 1.0 or not 0.0 <= args.p_dense <= 1.0:
+        p.error("--density and --p-dense must be in [0, 1]")
+    return args
+
+
+def model_cfg(args):
+    shape = dict(SHAPES[args.shape])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    shape["max_position_embeddings"] = max(shape["max_position_embeddings"], max(args.lengths))
+    return OmegaConf.create(dict(family="qwen2", seed=args.seed, dtype=args.dtype, config=shape))
+
+
+def sdpa_backend(device):
+    """cuDNN for the baseline, as in the issue's measured numbers (FlashAttention-2 is ~1.7x slower here)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+
+
+def make_step(variant, model, args, device):
+    """One optimizer step on a row of `length` random tokens; returns a function of (ids, step)."""
+    if not args.no_grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+
+    if variant == "full-hf":
+        def loss_of(ids, step):
+            with sdpa_backend(device):
+                hidden = model.model(input_ids=ids).last_hidden_state
+                return linear_cross_entropy(hidden[:, :-1], model.lm_head.weight, ids[:, 1:])
+    else:
+        module = CausalLMWithLoss(model)
+
+        def loss_of(ids, step):
+            model.set_routing_step(step)
+            labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
+            pos = torch.arange(ids.shape[1], device=device)[None]
+            return module(ids, pos, labels, 1.0 / ids.numel(), 1e-8)[0]
+
+    def step(ids, i):
+        loss = loss_of(ids, i)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step, vocab, length, args, device) -> dict:
+    gen = torch.Generator().manual_seed(args.seed + length)
+    ids = torch.randint(0, vocab, (1, length), generator=gen).to(device)
+    i = 0
+    for i in range(args.warmup):
+        step(ids, i).item()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for j in range(args.repeats):
+        sync(device)
+        start = time.perf_counter()
+        loss = step(ids, args.warmup + j).item()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    t = statistics.median(times)
+    return dict(step_s=t, times_s=times, tokens_per_s=length / t, peak_bytes=peak, loss=loss)
+
+
+def build(variant, args, device):
+    cfg = model_cfg(args)
+    with torch.device(device):
+        base = build_base(cfg)
+        if variant == "full-hf":
+            return base
+        mode = "full" if variant == "full" else "random"
+        l2a = OmegaConf.create(dict(mode=mode, window=args.window, random_rate=args.density,
+                                    p_dense=args.p_dense, backend="auto"))
+        model = convert_model(base, l2a)
+    del base
+    apply_trainable(model, args.trainable)
+    return model.to(device)
+
+
+def table(rows: list[dict]) -> str:
+    base = {r["length"]: r for r in rows if r["variant"] == "full-hf"}
+    lines = ["| variant | length | step (s) | tokens/s | speed-up vs full-hf | peak memory (GiB) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = base.get(r["length"])
+        speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref and "error" not in ref else "-"
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['length']:,} | failed: {r['error']} | - | - | - |")
+            continue
+        peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.1f}"
+        lines.append(f"| {r['label']} | {r['length']:,} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {speed} | {peak} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    import transformers
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"# training benchmark: {args.shape}, {args.dtype}, batch 1, on {gpu}", file=sys.stderr)
+    print(f"# torch {torch.__version__}, transformers {transformers.__version__}; command: {' '.join(sys.argv)}",
+          file=sys.stderr)
+    labels = {"full-hf": "full attention (transformers Qwen2, cuDNN SDPA)",
+              "full": "full attention (L2A code, all layers global)",
+              "l2a": f"L2A (density {args.density:g}, p_dense {args.p_dense:g}, W={args.window})"}
+    rows = []
+    for variant in args.variants:
+        model = build(variant, args, device)
+        step = make_step(variant, model, args, device)
+        for length in args.lengths:
+            row = dict(variant=variant, label=labels[variant], length=length)
+            try:
+                row.update(measure(step, model.config.vocab_size, length, args, device))
+                print(f"  {variant} at {length}: {row['step_s']:.3f} s/step, {row['tokens_per_s']:,.0f} tokens/s",
+                      file=sys.stderr, flush=True)
+            except torch.OutOfMemoryError:
+                row["error"] = "out of memory"
+                print(f"  {variant} at {length}: out of memory", file=sys.stderr, flush=True)
+            rows.append(row)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del model, step
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), device=gpu, torch=torch.__version__,
+                           transformers=transformers.__version__, rows=rows), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
