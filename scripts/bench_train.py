@@ -74,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also profile one step per variant and length: DIR/<variant>-<length>.txt (top ops by device time)")
     args = p.parse_args(argv)
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
     args.variants = [v for v in args.variants.split(",") if v]
@@ -158,7 +160,27 @@ def measure(step, vocab, length, args, device) -> dict:
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     t = statistics.median(times)
+    if args.profile:
+        profile_step(step, ids, args.warmup + args.repeats, device, f"{args.profile}/{args.variant_now}-{length}.txt")
     return dict(step_s=t, times_s=times, tokens_per_s=length / t, peak_bytes=peak, loss=loss)
+
+
+def profile_step(step, ids, i, device, path):
+    """Top operators of one step by device time (self time; includes the backward's recompute)."""
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step(ids, i).item()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
+        f.write("\n\nby host time (synchronisations show up here):\n")
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
 
 
 def build(variant, args, device):
@@ -207,6 +229,7 @@ def main(argv=None) -> int:
     for variant in args.variants:
         model = build(variant, args, device)
         step = make_step(variant, model, args, device)
+        args.variant_now = variant
         for length in args.lengths:
             row = dict(variant=variant, label=labels[variant], length=length)
             try:

@@ -16,10 +16,28 @@ def _model(*overrides):
     return convert_model(build_base(cfg.model), cfg.l2a, cfg.model).cuda()
 
 
+def _run(model, backend, ids, pos):
+    model.config.l2a_backend = backend
+    model.zero_grad()
+    out = model.model(input_ids=ids, position_ids=pos)
+    (out.last_hidden_state.float().square().mean() + out.router_reg).backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.last_hidden_state.float(), out.routed_fraction, grads
+
+
+def _rel(x, truth):
+    return ((x - truth).norm() / truth.norm().clamp_min(1e-12)).item()
+
+
 @pytest.mark.parametrize("family", ["tiny_qwen3", "tiny_qwen2"])
 def test_kernels_backend_matches_reference_with_documents(family):
+    """bf16 kernels vs a float32 reference: within a small multiple of the bf16 reference's error.
+
+    A bf16 forward flips the router decision of the odd token whose logit is within rounding
+    of the threshold (in either backend), which moves its output a lot; comparing both bf16
+    paths to float32 makes that shared effect the yardstick instead of a fixed tolerance."""
     torch.manual_seed(0)
-    model = _model(f"model={family}").to(torch.bfloat16).train()
+    model = _model(f"model={family}").train()
     with torch.no_grad():  # a router that routes about half of the tokens
         for layer in model.model.layers:
             layer.router.weight.normal_(std=0.05)
@@ -27,21 +45,14 @@ def test_kernels_backend_matches_reference_with_documents(family):
     ids = torch.randint(0, model.config.vocab_size, (2, length), device="cuda")
     pos = torch.cat([torch.arange(300), torch.arange(450), torch.arange(250)]).cuda().expand(2, length)
 
-    results = {}
-    for backend in ("reference", "kernels"):
-        model.config.l2a_backend = backend
-        model.zero_grad()
-        out = model.model(input_ids=ids, position_ids=pos)
-        (out.last_hidden_state.float().square().mean() + out.router_reg).backward()
-        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[backend] = (out.last_hidden_state.float(), out.routed_fraction, grads)
+    truth_h, truth_frac, truth_grads = _run(model, "reference", ids, pos)
+    model = model.to(torch.bfloat16)
+    ref_h, ref_frac, ref_grads = _run(model, "reference", ids, pos)
+    h, frac, grads = _run(model, "kernels", ids, pos)
 
-    ref_h, ref_frac, ref_grads = results["reference"]
-    h, frac, grads = results["kernels"]
-    assert 0.05 < ref_frac.mean() < 0.95
-    # bf16 rounding may flip the rare token whose router logit is within rounding of zero
-    torch.testing.assert_close(frac, ref_frac, rtol=0, atol=0.01)
-    assert ((h - ref_h).norm() / ref_h.norm()).item() < 2e-2
-    for name, ref in ref_grads.items():
-        err = ((grads[name] - ref).norm() / ref.norm().clamp_min(1e-12)).item()
-        assert err < 5e-2, (name, err)
+    assert 0.05 < truth_frac.mean() < 0.95
+    torch.testing.assert_close(frac, truth_frac, rtol=0, atol=0.01)
+    assert _rel(h, truth_h) <= 3 * _rel(ref_h, truth_h) + 1e-3
+    for name, truth in truth_grads.items():
+        err, ref_err = _rel(grads[name], truth), _rel(ref_grads[name], truth)
+        assert err <= 3 * ref_err + 1e-3, (name, err, ref_err)

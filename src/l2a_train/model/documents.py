@@ -47,6 +47,11 @@ class DocumentLayout:
         total = torch.tensor([batch * length], dtype=torch.int32, device=starts.device)
         return cls(doc_ids=doc_ids, cu_seqlens=torch.cat([flat, total]), batch=batch, length=length)
 
+    @property
+    def one_document_per_row(self) -> bool:
+        """No boundary inside any row (known on the host: cu_seqlens' size came from nonzero)."""
+        return self.cu_seqlens.numel() - 1 == self.batch
+
     def mask(self, window: int | None = None) -> torch.Tensor:
         """Bool [B, 1, L, L]: key j visible to query i (same document, causal, inside the window).
 
