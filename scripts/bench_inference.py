@@ -25,7 +25,6 @@ the prefill, weights included. Prints one Markdown table (and writes JSON with -
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
@@ -42,49 +41,17 @@ import l2a_train  # noqa: F401  (registers the L2A Auto classes)
 from l2a_train.model import convert_model, kv_cache_bytes, prune_layers
 from l2a_train.model.cache import L2ACache, cache_field_name
 
-SHAPES = {
-    # Qwen/Qwen2.5-1.5B config.json, positions extended to 128K as in the paper's recipe
-    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
-                         rope_theta=5.0e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
-    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                 rope_theta=1.0e4, rms_norm_eps=1e-6, tie_word_embeddings=True),
-}
+from bench_common import SHAPES, parse, parser, sync
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 VARIANTS = ("full-hf", "full", "l2a", "pruned")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b")
-    p.add_argument("--layers", type=int, default=None, help="override the number of layers")
-    p.add_argument("--lengths", default="32768,65536,131072", help="comma-separated prompt lengths")
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--window", type=int, default=4095, help="sliding window W")
-    p.add_argument("--density", type=float, default=0.2, help="fraction of tokens routed to global attention")
+    p = parser(__doc__, VARIANTS, ",".join(VARIANTS), DTYPES)
     p.add_argument("--prune-fraction", type=float, default=0.5, help="fraction of layers pruned in 'pruned'")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--backend", default="auto", help="L2A attention backend: auto (kernels on CUDA) | reference | kernels")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args(argv)
-    args.lengths = [int(x) for x in args.lengths.split(",") if x]
-    args.variants = [v for v in args.variants.split(",") if v]
-    bad = sorted(set(args.variants) - set(VARIANTS))
-    if bad:
-        p.error(f"unknown variants {bad}; choose from {VARIANTS}")
-    if not 0.0 <= args.density <= 1.0 or not 0.0 <= args.prune_fraction <= 1.0:
-        p.error("--density and --prune-fraction must be in [0, 1]")
-    return args
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return parse(p, argv, VARIANTS, ("density", "prune_fraction"))
 
 
 def cache_bytes(cache) -> int:

@@ -27,7 +27,6 @@ Markdown table (and writes JSON with --json).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
@@ -45,46 +44,19 @@ from l2a_train.model import apply_trainable, convert_model
 from l2a_train.model.convert import build_base
 from l2a_train.train import CausalLMWithLoss
 
-SHAPES = {
-    # Qwen/Qwen2.5-1.5B config.json, positions extended to 128K as in the paper's recipe
-    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
-                         rope_theta=5.0e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
-    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                 rope_theta=1.0e4, rms_norm_eps=1e-6, tie_word_embeddings=True),
-}
+from bench_common import SHAPES, parse, parser, sync
+
 VARIANTS = ("full-hf", "full", "l2a")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b")
-    p.add_argument("--layers", type=int, default=None, help="override the number of layers")
-    p.add_argument("--lengths", default="32768,65536,131072", help="comma-separated row lengths")
-    p.add_argument("--variants", default="full-hf,l2a")
-    p.add_argument("--window", type=int, default=4095, help="sliding window W")
-    p.add_argument("--density", type=float, default=0.2, help="fraction of tokens routed to global attention")
+    p = parser(__doc__, VARIANTS, "full-hf,l2a", ("bfloat16", "float32"))
     p.add_argument("--p-dense", type=float, default=0.1, help="probability of the dense global path per layer call")
     p.add_argument("--trainable", default="all", help="all | paper (attention, norms, router) for the L2A variants")
     p.add_argument("--no-grad-checkpointing", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile one step per variant and length: DIR/<variant>-<length>.txt (top ops by device time)")
-    args = p.parse_args(argv)
-    args.lengths = [int(x) for x in args.lengths.split(",") if x]
-    args.variants = [v for v in args.variants.split(",") if v]
-    bad = sorted(set(args.variants) - set(VARIANTS))
-    if bad:
-        p.error(f"unknown variants {bad}; choose from {VARIANTS}")
-    if not 0.0 <= args.density <= 1.0 or not 0.0 <= args.p_dense <= 1.0:
-        p.error("--density and --p-dense must be in [0, 1]")
-    return args
+    return parse(p, argv, VARIANTS, ("density", "p_dense"))
 
 
 def model_cfg(args):
@@ -136,11 +108,6 @@ def make_step(variant, model, args, device):
         return loss.detach()
 
     return step
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(step, vocab, length, args, device) -> dict:
