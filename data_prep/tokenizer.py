@@ -66,10 +66,54 @@ def _files_sha256(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def _token_id(tok, token: str, setting: str) -> int:
-    token_id = tok.convert_tokens_to_ids(token)
-    if token_id is None or token_id == tok.unk_token_id and token != tok.unk_token:
-        raise UserError(f"{setting}='{token}' is not a token of the tokenizer at {tok.name_or_path}")
+@dataclass(frozen=True)
+class _Directory:
+    """A tokenizer directory as packing needs it: the Rust backend and the special tokens."""
+
+    backend: object  # tokenizers.Tokenizer
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    add_bos_token: bool | None  # the directory's explicit setting, if it has one
+
+
+def _content(token) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token  # saved AddedTokens are dicts
+
+
+@functools.lru_cache(maxsize=4)
+def _read(path: str, sha256: str) -> _Directory:
+    """Read with `tokenizers` alone when the directory has tokenizer.json: importing transformers
+    (and torch with it) takes ~2 s, a tenth of a prep of 15M tokens on 2 cores. A directory with
+    only slow-tokenizer files goes through transformers, which converts it."""
+    directory = Path(path)
+    if (directory / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        config = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
+            if (directory / name).is_file():
+                config.update(json.loads((directory / name).read_text(encoding="utf-8")))
+        add_bos = config.get("add_bos_token")
+        return _Directory(
+            backend=Tokenizer.from_file(str(directory / "tokenizer.json")),
+            bos_token=_content(config.get("bos_token")),
+            eos_token=_content(config.get("eos_token")),
+            pad_token=_content(config.get("pad_token")),
+            add_bos_token=add_bos if isinstance(add_bos, bool) else None,
+        )
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"tokenizer.path='{path}': no fast (tokenizers) backend could be built for it")
+    return _Directory(tok.backend_tokenizer, tok.bos_token, tok.eos_token, tok.pad_token, None)
+
+
+def _token_id(tok: _Directory, token: str, setting: str, path: str) -> int:
+    token_id = tok.backend.token_to_id(token)
+    if token_id is None:
+        raise UserError(f"{setting}='{token}' is not a token of the tokenizer at {path}")
     return int(token_id)
 
 
@@ -83,48 +127,43 @@ def load(path: str, eos_token: str | None, add_bos: bool | None) -> TokenizerInf
             "for the built-in BPE"
         )
     try:
-        tok = _auto(str(directory), _files_sha256(directory))
-    except Exception as err:  # transformers raises many types; the message is what matters
+        tok = _read(str(directory), _files_sha256(directory))
+    except UserError:
+        raise
+    except Exception as err:  # tokenizers / transformers raise many types; the message is what matters
         raise UserError(f"tokenizer.path='{path}': cannot load a Hugging Face tokenizer ({err})") from err
-    if not getattr(tok, "is_fast", False):
-        raise UserError(f"tokenizer.path='{path}': no fast (tokenizers) backend could be built for it")
     eos = eos_token or tok.eos_token
     if eos is None:
         raise UserError(
             f"tokenizer.path='{path}' defines no eos_token; set tokenizer.eos_token to the token that "
             "ends a document (e.g. '<|endoftext|>')"
         )
-    eos_id = _token_id(tok, eos, "tokenizer.eos_token")
-    bos_id = tok.bos_token_id
-    if add_bos is None:  # the family's convention: what the tokenizer itself does to one text
-        with_special = tok("a", add_special_tokens=True)["input_ids"]
-        add_bos = bos_id is not None and len(with_special) > 0 and with_special[0] == bos_id
+    eos_id = _token_id(tok, eos, "tokenizer.eos_token", path)
+    bos_id = None if tok.bos_token is None else _token_id(tok, tok.bos_token, "bos_token", path)
+    if add_bos is None:  # the family's convention: the directory's setting, else what its post-processor does
+        if tok.add_bos_token is not None:
+            add_bos = tok.add_bos_token and bos_id is not None
+        else:
+            with_special = tok.backend.encode("a", add_special_tokens=True).ids
+            add_bos = bos_id is not None and len(with_special) > 0 and with_special[0] == bos_id
     elif add_bos and bos_id is None:
         raise UserError(f"tokenizer.add_bos=true but the tokenizer at '{path}' has no bos_token")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
+    pad_id = eos_id if tok.pad_token is None else _token_id(tok, tok.pad_token, "pad_token", path)
     return TokenizerInfo(
         path=str(directory),
-        name=Path(tok.name_or_path).name or str(directory),
+        name=directory.resolve().name or str(directory),
         sha256=_files_sha256(directory),
-        vocab_size=len(tok),
-        bos_token_id=None if bos_id is None else int(bos_id),
+        vocab_size=tok.backend.get_vocab_size(with_added_tokens=True),
+        bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=int(pad_id),
         add_bos=bool(add_bos),
     )
 
 
-@functools.lru_cache(maxsize=4)
-def _auto(path: str, sha256: str):
-    """The transformers tokenizer of a directory, loaded once per content (loading takes ~1 s)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
 def backend_json(path: str) -> str:
     """The Rust tokenizer serialised, to rebuild it cheaply in worker processes."""
-    return _auto(path, _files_sha256(Path(path))).backend_tokenizer.to_str()
+    return _read(path, _files_sha256(Path(path))).backend.to_str()
 
 
 def copy_files(src: str, dst: Path) -> None:

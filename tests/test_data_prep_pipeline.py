@@ -338,6 +338,37 @@ def test_bos_convention_follows_the_tokenizer_family(tmp_path, tok_dir):
         prepare(make_config(tmp_path / "eos2", tok_dir, sources, **{"tokenizer.eos_token": "<nope>"}))
 
 
+def test_tokenizer_read_without_transformers_agrees_with_transformers(tmp_path, tok_dir):
+    """The tokenizers-only reading of a directory gives what transformers' AutoTokenizer gives,
+    for a tokenizer without BOS, one whose post-processor adds BOS, and one whose config says so;
+    and it does not import transformers or torch (2 s of start-up)."""
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    bos = "<|startoftext|>"
+    llama = Tokenizer.from_file(f"{tok_dir}/tokenizer.json")
+    llama.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, llama.token_to_id(bos))])
+    PreTrainedTokenizerFast(tokenizer_object=llama, bos_token=bos, eos_token="<|endoftext|>").save_pretrained(
+        str(tmp_path / "llama"))
+    for path in (tok_dir, str(tmp_path / "llama")):
+        info = tokenizer.load(path, None, None)
+        auto = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        assert (info.bos_token_id, info.eos_token_id, info.vocab_size) == (auto.bos_token_id, auto.eos_token_id, len(auto))
+        assert info.pad_token_id == (auto.pad_token_id if auto.pad_token_id is not None else auto.eos_token_id)
+        assert info.add_bos == (auto("a")["input_ids"][0] == auto.bos_token_id)
+        assert tokenizer.backend_json(path) == auto.backend_tokenizer.to_str()
+    config = json.loads((tmp_path / "llama" / "tokenizer_config.json").read_text())
+    (tmp_path / "llama" / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    assert tokenizer.load(str(tmp_path / "llama"), None, None).add_bos is False
+
+    code = (f"import sys; from l2a_data_prep import tokenizer; tokenizer.load({tok_dir!r}, None, None); "
+            "sys.exit(int('transformers' in sys.modules or 'torch' in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 def test_builtin_corpus_and_cached_tokenizer(tmp_path, monkeypatch):
     # Two tiny "packages" stand in for the standard library: the code path is the real one.
     root = tmp_path / "lib"
