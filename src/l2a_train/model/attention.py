@@ -4,6 +4,8 @@
   device; quadratic memory, so it is for CPU runs, tests and short sequences.
 - `kernels`: the `l2a_kernels` ops (query-sparse global attention, sliding-window attention)
   on the flattened varlen batch. CUDA only (or CPU under TRITON_INTERPRET=1, for tests).
+  Full causal attention (global layers, the dense path) on rows of one document goes to fused
+  SDPA instead, which is faster than the query-sparse kernel at density 1.
 
 `conditional` returns exactly zero for tokens that are not routed, and gives those tokens' queries
 no gradient, in every backend: that is what the query-sparse kernel computes.
