@@ -1,7 +1,7 @@
 """l2a_kernels: query-sparse global attention and sliding-window attention (leaf package).
 
 Public ops (packed "varlen" layout, differentiable):
-    conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None)
+    conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None, dense_forward=False)
     sliding_window_attention(q, k, v, window, *, cu_seqlens=None, scale=None)
 Ground truth in pure PyTorch: l2a_kernels.reference. Benchmark: python -m l2a_kernels.bench.
 """

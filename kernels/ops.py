@@ -6,6 +6,7 @@ import importlib
 import math
 import numbers
 import os
+from typing import Optional
 
 import torch
 
@@ -112,29 +113,51 @@ def _last_dim_contiguous(t):
 # ----------------------------------------------------------------------------- autograd
 
 
+# The forward kernel launch is a registered operator (not a plain Python call) so that selective
+# activation checkpointing can keep its outputs instead of recomputing them: a checkpoint policy
+# sees operators, and `l2a_train.model.checkpointing` lists this one among those it saves.
+@torch.library.custom_op("l2a_kernels::attention_forward", mutates_args=())
+def _attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Optional[torch.Tensor], docstart: torch.Tensor,
+    window: Optional[int], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().forward(q, k, v, pos, docstart, window, scale)
+
+
+@_attention_forward.register_fake
+def _(q, k, v, pos, docstart, window, scale):
+    n = q.shape[0] if pos is None else pos.shape[0]
+    return torch.empty_like(q), q.new_empty((n, q.shape[1]), dtype=torch.float32)
+
+
 class _Attention(torch.autograd.Function):
+    """pos: the rows the forward computes (None: every token); grad_pos: the rows whose output
+    gradient is propagated (the routed rows; None: every token). They differ only for the dense
+    forward of conditional_attention."""
+
     @staticmethod
-    def forward(ctx, q, k, v, pos, docstart, docend, window, scale):
-        kern = _kernels()
+    def forward(ctx, q, k, v, pos, grad_pos, docstart, docend, window, scale):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        out, lse = kern.forward(q, k, v, pos, docstart, window, scale)
-        ctx.save_for_backward(q, k, v, out, lse, pos, docstart, docend)
+        out, lse = torch.ops.l2a_kernels.attention_forward(q, k, v, pos, docstart, window, scale)
+        if pos is None and grad_pos is not None:
+            lse = lse.index_select(0, grad_pos)
+        ctx.save_for_backward(q, k, v, out, lse, grad_pos, docstart, docend)
         ctx.window, ctx.scale = window, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, pos, docstart, docend = ctx.saved_tensors
+        q, k, v, out, lse, grad_pos, docstart, docend = ctx.saved_tensors
         dq, dk, dv = _kernels().backward(
-            _last_dim_contiguous(dout), q, k, v, out, lse, pos, docstart, docend, ctx.window, ctx.scale
+            _last_dim_contiguous(dout), q, k, v, out, lse, grad_pos, docstart, docend, ctx.window, ctx.scale
         )
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public ops
 
 
-def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None):
+def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None, dense_forward=False):
     """Query-sparse causal attention with documents and native grouped-query attention.
 
     Args:
@@ -144,6 +167,11 @@ def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None):
         cu_seqlens: int32 [num_docs + 1] document boundaries, 0 first, T last, non-decreasing
             (empty documents allowed); None means one document.
         scale: softmax scale, default 1 / sqrt(D).
+        dense_forward: L2A's dense path. The forward computes causal attention for every token
+            (no zeros), the backward propagates only the routed tokens' output gradient, as the
+            query-sparse backward does. Exact when the caller multiplies the output by the 0/1
+            route, which L2A does (out * d): the other rows' gradient is then zero anyway. The
+            backward then costs ~density x that of causal attention instead of 1x.
 
     Returns:
         out [T, HQ, D] in q's dtype: for a routed token, causal attention over the earlier keys
@@ -164,12 +192,12 @@ def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None):
     if route.dtype != torch.bool:
         raise TypeError(f"route must be a bool tensor, got {route.dtype}")
     if not _use_triton(q):
-        return reference.conditional_attention(q, k, v, route, cu_seqlens=cu, scale=scale)
+        return reference.conditional_attention(q, k, v, route, cu_seqlens=cu, scale=scale, dense_forward=dense_forward)
     route = route.to(q.device)
     # compaction: stable order, original positions kept for the masks
     pos = torch.nonzero(route).squeeze(1).to(torch.int32)
     docstart, docend = _doc_bounds(cu, T, q.device)
-    return _Attention.apply(q, k, v, pos, docstart, docend, None, scale)
+    return _Attention.apply(q, k, v, None if dense_forward else pos, pos, docstart, docend, None, scale)
 
 
 def sliding_window_attention(q, k, v, window, *, cu_seqlens=None, scale=None):
@@ -189,4 +217,4 @@ def sliding_window_attention(q, k, v, window, *, cu_seqlens=None, scale=None):
         return reference.sliding_window_attention(q, k, v, window, cu_seqlens=cu, scale=scale)
     docstart, docend = _doc_bounds(cu, T, q.device)
     window = int(window)
-    return _Attention.apply(q, k, v, None, docstart, docend, window if window < T else None, scale)
+    return _Attention.apply(q, k, v, None, None, docstart, docend, window if window < T else None, scale)

@@ -75,12 +75,17 @@ def _attention(q, k, v, query_idx, cu_seqlens, window, scale, dtype=torch.float3
     return out.to(q.dtype)
 
 
-def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None):
+def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None, dense_forward=False):
     """Routed tokens: causal attention over earlier keys of their document; others: 0.
 
     q [T, HQ, D], k/v [T, H, D] (HQ a multiple of H), route bool [T], cu_seqlens int [docs+1].
+    dense_forward: every token gets its causal attention; only routed rows pass gradient back.
     """
-    idx = torch.nonzero(route.to(torch.bool)).squeeze(1)
+    route = route.to(torch.bool)
+    if dense_forward:
+        out = _attention(q, k, v, torch.arange(q.shape[0], device=q.device), cu_seqlens, None, scale)
+        return torch.where(route[:, None, None], out, out.detach())
+    idx = torch.nonzero(route).squeeze(1)
     return _attention(q, k, v, idx, cu_seqlens, None, scale)
 
 

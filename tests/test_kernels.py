@@ -256,3 +256,26 @@ def test_public_api():
     assert set(l2a_kernels.__all__) == {"conditional_attention", "sliding_window_attention", "reference"}
     assert callable(l2a_kernels.reference.conditional_attention)
     assert callable(l2a_kernels.reference.sliding_window_attention)
+
+
+@pytest.mark.parametrize("cu", [None, [0, 41, 90]])
+def test_dense_forward_computes_every_token_and_routes_the_gradient(cu):
+    """dense_forward (L2A's dense path): the output of causal attention for every token; with
+    the output multiplied by the route, as L2A does, the gradients equal the dense ones."""
+    T, HQ, H, D = 90, 6, 2, 16
+    q, k, v, do = _inputs(T, HQ, H, D, torch.float32, seed=21)
+    route = torch.rand(T, generator=torch.Generator().manual_seed(22)) < 0.3
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    masked_do = do * route[:, None, None]
+    got = _grads(lambda *a: l2a_kernels.conditional_attention(*a, route, cu_seqlens=cu_t, dense_forward=True),
+                 q, k, v, masked_do)
+    truth = _grads(lambda *a: reference._attention(*a, torch.arange(T), cu_t, None, None, torch.float64),
+                   q, k, v, masked_do, torch.float64)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, truth):
+        assert _rel(a, b) < 1e-5, name
+    # the gradient of unrouted rows is not propagated (it is zero in L2A's use)
+    dq_unmasked = _grads(lambda *a: l2a_kernels.conditional_attention(*a, route, cu_seqlens=cu_t, dense_forward=True),
+                         q, k, v, do)[1]
+    assert (dq_unmasked[~route] == 0).all()
+    ref = reference.conditional_attention(q, k, v, route, cu_seqlens=cu_t, dense_forward=True)
+    assert _rel(ref, truth[0]) < 1e-5

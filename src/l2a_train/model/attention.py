@@ -4,11 +4,13 @@
   device; quadratic memory, so it is for CPU runs, tests and short sequences.
 - `kernels`: the `l2a_kernels` ops (query-sparse global attention, sliding-window attention)
   on the flattened varlen batch. CUDA only (or CPU under TRITON_INTERPRET=1, for tests).
-  Full causal attention (global layers, the dense path) on rows of one document goes to fused
-  SDPA instead, which is faster than the query-sparse kernel at density 1.
+  Full causal attention of global layers on rows of one document goes to fused SDPA instead,
+  which is faster than the query-sparse kernel at density 1.
 
 `conditional` returns exactly zero for tokens that are not routed, and gives those tokens' queries
-no gradient, in every backend: that is what the query-sparse kernel computes.
+no gradient, in every backend: that is what the query-sparse kernel computes. Its dense form
+(L2A's dense path) computes every token's attention but likewise passes gradient back through
+the routed rows only.
 """
 
 from __future__ import annotations
@@ -66,26 +68,35 @@ def sliding_window(q, k, v, layout: DocumentLayout, window: int, scale: float, b
 
 
 def causal(q, k, v, layout: DocumentLayout, scale: float, backend: str):
-    """Full causal attention inside each document (unconverted layers and the dense path)."""
+    """Full causal attention inside each document (layers that stay global)."""
     if backend == "reference":
         return _sdpa(q, k, v, layout.mask(), scale)
     if layout.one_document_per_row:
         # Plain causal attention, no document mask: the fused SDPA kernels beat the query-sparse
-        # kernel at density 1 (the dense path is 10% of training's global attention calls).
+        # kernel at density 1.
         with _fused_sdpa_backends(q.device):
             return _sdpa(q, k, v, None, scale, is_causal=True)
     route = torch.ones(q.shape[0] * q.shape[1], dtype=torch.bool, device=q.device)
     return conditional(q, k, v, layout, route.view(q.shape[:2]), scale, backend)
 
 
-def conditional(q, k, v, layout: DocumentLayout, route: torch.Tensor, scale: float, backend: str):
-    """Global attention for routed tokens (route: bool [B, L]); exact zeros for the others."""
+def conditional(q, k, v, layout: DocumentLayout, route: torch.Tensor, scale: float, backend: str,
+                dense_forward: bool = False):
+    """Global attention for routed tokens (route: bool [B, L]); exact zeros for the others.
+
+    dense_forward (L2A's dense path): every token gets its attention in the forward, and only
+    the routed rows pass gradient back. The caller multiplies the output by the 0/1 route, so
+    the other rows' gradient is zero anyway: the backward is the query-sparse one, ~density x
+    the cost of a dense backward, with the same gradients."""
     if backend == "reference":
         out = _sdpa(q, k, v, layout.mask(), scale)
+        if dense_forward:
+            return torch.where(route[:, :, None, None], out, out.detach())
         return out.masked_fill(~route[:, :, None, None], 0.0)
     from l2a_kernels import conditional_attention
 
     out = conditional_attention(
-        _flat(q), _flat(k), _flat(v), route.reshape(-1), cu_seqlens=layout.cu_seqlens, scale=scale
+        _flat(q), _flat(k), _flat(v), route.reshape(-1), cu_seqlens=layout.cu_seqlens, scale=scale,
+        dense_forward=dense_forward,
     )
     return out.view_as(q)

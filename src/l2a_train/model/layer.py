@@ -130,10 +130,8 @@ class L2ADecoderLayer(nn.Module):
         )
         if cache is not None:  # inference: skipped tokens' K/V are cached all the same
             g = cache.global_attention(q, k, v, layout, route, scale, backend, dense=dense)
-        elif dense:  # every token attends; skipped tokens then get gradient through d
-            g = attn_ops.causal(q, k, v, layout, scale, backend)
-        else:
-            g = attn_ops.conditional(q, k, v, layout, route, scale, backend)
+        else:  # dense: every token attends, so skipped tokens get gradient through d
+            g = attn_ops.conditional(q, k, v, layout, route, scale, backend, dense_forward=dense)
         g = g.flatten(2) * d.to(g.dtype)[..., None]
         h = h + self.global_attn.o_proj(g)
         terms = torch.stack([p_sq, route.float().mean(), p.mean()]).float()
