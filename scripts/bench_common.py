@@ -37,12 +37,18 @@ def parser(doc: str, variants: tuple[str, ...], default_variants: str, dtypes) -
     return p
 
 
-def parse(p: argparse.ArgumentParser, argv, variants: tuple[str, ...], fractions: tuple[str, ...]):
-    """Parses, splits --lengths / --variants, checks that the named fractions lie in [0, 1]."""
+def parse(p: argparse.ArgumentParser, argv, variants: tuple[str, ...], fractions: tuple[str, ...],
+          suffixes: tuple[str, ...] = ()):
+    """Parses, splits --lengths / --variants (each a name of `variants`, optionally followed by
+    one of `suffixes`), checks that the named fractions lie in [0, 1]."""
     args = p.parse_args(argv)
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
     args.variants = [v for v in args.variants.split(",") if v]
-    bad = sorted(set(args.variants) - set(variants))
+
+    def base(v):
+        return next((v[: -len(x)] for x in suffixes if v.endswith(x)), v)
+
+    bad = sorted({v for v in args.variants if base(v) not in variants})
     if bad:
         p.error(f"unknown variants {bad}; choose from {variants}")
     for name in fractions:

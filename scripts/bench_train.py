@@ -19,10 +19,15 @@ Variants (`--variants`, comma-separated):
   l2a       every layer L2A, W=`--window`; random weights have no trained router, so routing is
             the "random" mode at `--density` (the paper's trained routers route ~20%), and the
             stochastic dense path runs with probability `--p-dense` per layer call, as in training
+  a `:keep` suffix (e.g. `l2a:keep`, `full-hf:keep`) keeps the attention outputs through
+  checkpointing (trainer.keep_attention_outputs, l2a_train.model.checkpointing) instead of
+  recomputing them in the backward.
 
-tokens/s = row length / median step time over `--repeats` steps after `--warmup` steps (CUDA
-synchronised). Peak memory = the most allocated on the GPU during the timed steps. Prints one
-Markdown table (and writes JSON with --json).
+tokens/s = row length x `--repeats` / the total time of those steps after `--warmup` steps
+(CUDA synchronised): the long-run rate, which counts the random dense-path layers at their
+drawn frequency (the table gives the number drawn per timed step; the expectation is
+p_dense x layers). Peak memory = the most allocated on the GPU during the timed steps. Prints
+one Markdown table (and writes JSON with --json).
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from omegaconf import OmegaConf
 import l2a_train  # noqa: F401  (registers the L2A Auto classes)
 from l2a_train.loss import linear_cross_entropy
 from l2a_train.model import apply_trainable, convert_model
+from l2a_train.model.checkpointing import enable_checkpointing
 from l2a_train.model.convert import build_base
+from l2a_train.model.layer import dense_path_drawn
 from l2a_train.train import CausalLMWithLoss
 
 from bench_common import SHAPES, parse, parser, sync
@@ -56,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--no-grad-checkpointing", action="store_true")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile one step per variant and length: DIR/<variant>-<length>.txt (top ops by device time)")
-    return parse(p, argv, VARIANTS, ("density", "p_dense"))
+    return parse(p, argv, VARIANTS, ("density", "p_dense"), suffixes=(":keep",))
 
 
 def model_cfg(args):
@@ -79,13 +86,13 @@ def sdpa_backend(device):
 def make_step(variant, model, args, device):
     """One optimizer step on a row of `length` random tokens; returns a function of (ids, step)."""
     if not args.no_grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, keep_attention=variant.endswith(":keep"))
     model.config.use_cache = False
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
 
-    if variant == "full-hf":
+    if variant.startswith("full-hf"):
         def loss_of(ids, step):
             with sdpa_backend(device):
                 hidden = model.model(input_ids=ids).last_hidden_state
@@ -126,10 +133,20 @@ def measure(step, vocab, length, args, device) -> dict:
         sync(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    t = statistics.median(times)
+    t = sum(times) / len(times)
     if args.profile:
         profile_step(step, ids, args.warmup + args.repeats, device, f"{args.profile}/{args.variant_now}-{length}.txt")
-    return dict(step_s=t, times_s=times, tokens_per_s=length / t, peak_bytes=peak, loss=loss)
+    return dict(step_s=t, median_step_s=statistics.median(times), times_s=times, tokens_per_s=length / t,
+                peak_bytes=peak, loss=loss)
+
+
+def dense_layers_per_step(variant, model, args) -> float | None:
+    """Dense-path layer calls drawn per timed step (the draws are a function of step and layer)."""
+    if not variant.startswith("l2a"):
+        return None
+    layers = range(model.config.num_hidden_layers)
+    steps = range(args.warmup, args.warmup + args.repeats)
+    return sum(dense_path_drawn(args.p_dense, s, i) for s in steps for i in layers) / len(steps)
 
 
 def profile_step(step, ids, i, device, path):
@@ -154,9 +171,9 @@ def build(variant, args, device):
     cfg = model_cfg(args)
     with torch.device(device):
         base = build_base(cfg)
-        if variant == "full-hf":
+        if variant.startswith("full-hf"):
             return base
-        mode = "full" if variant == "full" else "random"
+        mode = "full" if variant.startswith("full") else "random"
         l2a = OmegaConf.create(dict(mode=mode, window=args.window, random_rate=args.density,
                                     p_dense=args.p_dense, backend="auto"))
         model = convert_model(base, l2a)
@@ -167,16 +184,18 @@ def build(variant, args, device):
 
 def table(rows: list[dict]) -> str:
     base = {r["length"]: r for r in rows if r["variant"] == "full-hf"}
-    lines = ["| variant | length | step (s) | tokens/s | speed-up vs full-hf | peak memory (GiB) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variant | length | step (s) | tokens/s | speed-up vs full-hf | dense layers / step | peak memory (GiB) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = base.get(r["length"])
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref and "error" not in ref else "-"
         if "error" in r:
-            lines.append(f"| {r['label']} | {r['length']:,} | failed: {r['error']} | - | - | - |")
+            lines.append(f"| {r['label']} | {r['length']:,} | failed: {r['error']} | - | - | - | - |")
             continue
         peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.1f}"
-        lines.append(f"| {r['label']} | {r['length']:,} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {speed} | {peak} |")
+        dense = "-" if r.get("dense_layers_per_step") is None else f"{r['dense_layers_per_step']:.1f}"
+        lines.append(f"| {r['label']} | {r['length']:,} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {speed} "
+                     f"| {dense} | {peak} |")
     return "\n".join(lines)
 
 
@@ -192,13 +211,15 @@ def main(argv=None) -> int:
     labels = {"full-hf": "full attention (transformers Qwen2, cuDNN SDPA)",
               "full": "full attention (L2A code, all layers global)",
               "l2a": f"L2A (density {args.density:g}, p_dense {args.p_dense:g}, W={args.window})"}
+    labels.update({f"{v}:keep": f"{label}, attention kept" for v, label in labels.items()})
     rows = []
     for variant in args.variants:
         model = build(variant, args, device)
         step = make_step(variant, model, args, device)
         args.variant_now = variant
         for length in args.lengths:
-            row = dict(variant=variant, label=labels[variant], length=length)
+            row = dict(variant=variant, label=labels[variant], length=length,
+                       dense_layers_per_step=dense_layers_per_step(variant, model, args))
             try:
                 row.update(measure(step, model.config.vocab_size, length, args, device))
                 print(f"  {variant} at {length}: {row['step_s']:.3f} s/step, {row['tokens_per_s']:,.0f} tokens/s",

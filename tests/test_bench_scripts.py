@@ -21,7 +21,7 @@ def _run(script, *args):
                           timeout=300)
 
 
-@pytest.mark.parametrize("script, variants", [("bench_train.py", "full-hf,full,l2a"),
+@pytest.mark.parametrize("script, variants", [("bench_train.py", "full-hf,full,l2a,l2a:keep"),
                                               ("bench_inference.py", "full-hf,l2a,pruned")])
 def test_benchmark_runs_on_cpu_and_writes_json(tmp_path, script, variants):
     out = _run(script, *TINY, "--window", "32", "--variants", variants, "--json", str(tmp_path / "r.json"))

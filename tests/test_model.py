@@ -345,3 +345,54 @@ def test_kernels_dense_path_matches_reference():
     assert grads.keys() == ref_grads.keys() and any("router" in n for n in grads)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_keep_attention_checkpointing_keeps_kernel_outputs_and_same_gradients(monkeypatch):
+    """Selective checkpointing (trainer.keep_attention_outputs): the attention kernels run once
+    per call, as without checkpointing (plain checkpointing runs them twice), same gradients."""
+    from l2a_kernels import ops
+    from l2a_train.model.checkpointing import enable_checkpointing
+
+    _, model = base_and_l2a("tiny_qwen3", "l2a.window=8", "l2a.p_dense=0.5", "l2a.backend=kernels")
+    model.train()
+    kern = ops._kernels()
+    calls = []
+    forward = kern.forward
+    monkeypatch.setattr(kern, "forward", lambda *a: calls.append(1) or forward(*a))
+    ids = tokens(length=40)
+
+    def grads():
+        calls.clear()
+        model.zero_grad()
+        model.set_routing_step(3)
+        model(ids, labels=ids).loss.backward()
+        return len(calls), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    n_plain, plain = grads()
+    assert n_plain == 2 * 4  # SWA + global attention in each of the 4 layers
+    enable_checkpointing(model, keep_attention=False)
+    assert grads()[0] == 2 * n_plain
+    enable_checkpointing(model, keep_attention=True)
+    n_kept, kept = grads()
+    assert n_kept == n_plain
+    for a, b in zip(plain, kept, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_keep_attention_checkpointing_on_a_transformers_model():
+    """The full-attention baseline (transformers' Qwen3) takes the same option: same gradients."""
+    from l2a_train.model.checkpointing import enable_checkpointing
+
+    base, _ = base_and_l2a("tiny_qwen3")
+    base.train()
+    ids = tokens(length=40)
+
+    def grads():
+        base.zero_grad()
+        base(ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in base.parameters() if p.grad is not None]
+
+    plain = grads()
+    enable_checkpointing(base, keep_attention=True)
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -388,7 +388,8 @@ def test_gpu_smoke_bf16_kernels_liger(work, data):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     results = _runner([dict(overrides=_base(data, work / "gpu", "trainer.precision=bf16", "trainer.micro_batch_size=4",
-                                            "trainer.grad_checkpointing=true", "trainer.save_every=3"))], work)
+                                            "trainer.grad_checkpointing=true", "trainer.keep_attention_outputs=true",
+                                            "trainer.save_every=3"))], work)
     assert results == [{"status": "ok"}]
     metrics = _metrics(work / "gpu" / "quickstart")
     assert metrics[-1]["lm_loss"] < metrics[0]["lm_loss"] and not any(m["skipped"] for m in metrics)

@@ -305,12 +305,13 @@ def run(cfg: DictConfig) -> dict:
     import deepspeed
 
     from .model import apply_trainable, build_model
+    from .model.checkpointing import enable_checkpointing
 
     model = build_model(cfg.model, cfg.l2a)
     n_trainable = apply_trainable(model, cfg.l2a.trainable)
     model.config.use_cache = False
     if t.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, keep_attention=bool(t.keep_attention_outputs))
     flops = FlopsCounter(model)
     layer_types = list(getattr(model.config, "l2a_layer_types", None) or ["global"] * model.config.num_hidden_layers)
     module = CausalLMWithLoss(model, t.loss_backend, zero_stage)

@@ -7,6 +7,7 @@ the causal-LM head are transformers' modules and forward.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -99,7 +100,7 @@ class L2AModelMixin:
             if cache is not None:
                 x, t = layer(x, position_embeddings, layout, self.routing_step, cache=cache.layers[i])
             elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, t = checkpoint(layer, x, position_embeddings, layout, self.routing_step, use_reentrant=False)
+                x, t = self._checkpointed(layer, x, position_embeddings, layout, self.routing_step)
             else:
                 x, t = layer(x, position_embeddings, layout, self.routing_step)
             terms.append(t)
@@ -111,6 +112,15 @@ class L2AModelMixin:
             mean_prob=terms[:, 2].detach(),
             **({CACHE_FIELD: cache} if cache is not None and use_cache is not False else {}),
         )
+
+    def _checkpointed(self, layer, *args):
+        """Run `layer` under the checkpoint function transformers installed (its kwargs, e.g. the
+        selective policy of `checkpointing.enable_checkpointing`), always non-reentrant:
+        reentrant checkpointing loses the gradient of layers whose input needs none."""
+        func = getattr(self, "_gradient_checkpointing_func", None)
+        kwargs = dict(func.keywords) if isinstance(func, functools.partial) else {}
+        kwargs["use_reentrant"] = False
+        return checkpoint(layer, *args, **kwargs)
 
     def _inference_cache(self, cache, use_cache) -> L2ACache | None:
         """The cache to read and extend: the one passed, a new one for `use_cache=True`, or None.

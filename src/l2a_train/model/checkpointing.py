@@ -1,0 +1,54 @@
+"""Activation checkpointing of the decoder layers, optionally keeping the attention outputs.
+
+Plain checkpointing recomputes each layer's forward in the backward pass, attention included:
+at 128K that recomputation is about a fifth of an L2A training step. `keep_attention=True`
+uses torch's selective activation checkpointing instead: the outputs of the attention
+operators (our kernels' forward, registered as `l2a_kernels::attention_forward`, and torch's
+fused SDPA kernels) are kept from the forward, everything else (projections, norms, MLP) is
+recomputed. Cost: each attention output, T x heads x head_dim values per attention call, kept
+per layer until its backward (about 0.8 GB per L2A layer at 128K for Qwen2.5-1.5B).
+
+Works for L2A models and for transformers' own models (the full-attention baseline), both
+through transformers' checkpointing hook; always non-reentrant (reentrant checkpointing gives
+no gradient to a layer whose input does not require one, e.g. after frozen embeddings).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+_SDPA_OPS = (
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+)
+
+
+@functools.cache
+def attention_ops() -> tuple:
+    """The operators whose outputs `keep_attention` saves."""
+    import l2a_kernels.ops  # noqa: F401  (registers l2a_kernels::attention_forward)
+
+    ops = [torch.ops.l2a_kernels.attention_forward.default]
+    ops += [getattr(torch.ops.aten, name).default for name in _SDPA_OPS if hasattr(torch.ops.aten, name)]
+    return tuple(ops)
+
+
+def keep_attention_context():
+    """A `context_fn` for torch.utils.checkpoint: save attention outputs, recompute the rest."""
+    return create_selective_checkpoint_contexts(list(attention_ops()))
+
+
+def enable_checkpointing(model, keep_attention: bool = False) -> None:
+    """Checkpoint every decoder layer of `model` (an L2A or a transformers model)."""
+    kwargs = {"use_reentrant": False}
+    if keep_attention:
+        kwargs["context_fn"] = keep_attention_context
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; 5.17 has only the old name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
