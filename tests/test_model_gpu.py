@@ -56,3 +56,25 @@ def test_kernels_backend_matches_reference_with_documents(family, p_dense):
     for name, truth in truth_grads.items():
         err, ref_err = _rel(grads[name], truth), _rel(ref_grads[name], truth)
         assert err <= 3 * ref_err + 1e-3, (name, err, ref_err)
+
+
+@pytest.mark.parametrize("family", ["tiny_qwen3", "tiny_qwen2"])
+def test_liger_fused_ops_equal_transformers_modules(family):
+    """l2a.fused_ops=liger (fused RMSNorm, SwiGLU, RoPE) computes what transformers' modules do:
+    float32, values and every gradient, router and global attention included."""
+    torch.manual_seed(0)
+    model = _model(f"model={family}", "l2a.p_dense=0").train()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.router.weight.normal_(std=0.05)
+    ids = torch.randint(0, model.config.vocab_size, (2, 700), device="cuda")
+    pos = torch.cat([torch.arange(300), torch.arange(400)]).cuda().expand(2, 700)
+    results = {}
+    for fused in ("none", "liger"):
+        model.config.l2a_fused_ops = fused
+        results[fused] = _run(model, "kernels", ids, pos)
+    (h, frac, grads), (h_ref, frac_ref, grads_ref) = results["liger"], results["none"]
+    assert torch.equal(frac, frac_ref)
+    assert _rel(h, h_ref) < 1e-4
+    for name, g in grads_ref.items():
+        assert _rel(grads[name], g) < 1e-3, name

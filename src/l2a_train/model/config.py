@@ -22,6 +22,7 @@ L2A_DEFAULTS = dict(
     l2a_routing="learned",
     l2a_random_rate=0.2,
     l2a_backend="auto",
+    l2a_fused_ops="liger",
 )
 
 
@@ -59,6 +60,10 @@ class L2AConfigMixin:
             raise ValueError(f"l2a routing must be one of {ROUTINGS}, got {self.l2a_routing}")
         if not 0.0 <= float(self.l2a_random_rate) <= 1.0:
             raise ValueError(f"l2a.random_rate must be in [0, 1], got {self.l2a_random_rate}")
+        from .fused_ops import FUSED_OPS
+
+        if self.l2a_fused_ops not in FUSED_OPS:
+            raise ValueError(f"l2a.fused_ops must be one of {FUSED_OPS}, got '{self.l2a_fused_ops}'")
 
     @property
     def num_l2a_layers(self) -> int:

@@ -75,6 +75,7 @@ def l2a_fields(l2a_cfg, num_layers: int) -> dict:
         l2a_routing="random" if l2a_cfg.get("mode") == "random" else "learned",
         l2a_random_rate=float(l2a_cfg.get("random_rate", L2A_DEFAULTS["l2a_random_rate"])),
         l2a_backend=str(l2a_cfg.get("backend", L2A_DEFAULTS["l2a_backend"])),
+        l2a_fused_ops=str(l2a_cfg.get("fused_ops", L2A_DEFAULTS["l2a_fused_ops"])),
     )
     return fields
 
@@ -95,6 +96,10 @@ def _check_l2a_settings(fields: dict) -> None:
 
     if fields["l2a_backend"] not in BACKENDS:
         raise UserError(f"l2a.backend='{fields['l2a_backend']}' is not one of {BACKENDS}")
+    from .fused_ops import FUSED_OPS
+
+    if fields["l2a_fused_ops"] not in FUSED_OPS:
+        raise UserError(f"l2a.fused_ops='{fields['l2a_fused_ops']}' is not one of {FUSED_OPS}")
 
 
 def _dtype(name) -> torch.dtype:
@@ -206,7 +211,7 @@ def convert_model(base, l2a_cfg, model_cfg=None):
     return model
 
 
-RUNTIME_FIELDS = ("p_dense", "backend", "threshold", "temperature", "random_rate")
+RUNTIME_FIELDS = ("p_dense", "backend", "fused_ops", "threshold", "temperature", "random_rate")
 
 
 def build_model(model_cfg, l2a_cfg):
@@ -214,7 +219,7 @@ def build_model(model_cfg, l2a_cfg):
 
     - `model.path` null or a base Qwen checkpoint: converted on the fly with `l2a_cfg`;
     - an L2A checkpoint: loaded; its structure (layer types, window) is kept, and the runtime
-      settings of `l2a_cfg` (p_dense, backend, threshold, temperature, random_rate) apply.
+      settings of `l2a_cfg` (p_dense, backend, fused_ops, threshold, temperature, random_rate) apply.
     """
     path = Path(model_cfg.path) if model_cfg.get("path") else None
     if path is not None and path.is_dir() and read_model_type(path).startswith("l2a_"):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import attention as attn_ops
+from . import fused_ops
 from .documents import DocumentLayout
 
 
@@ -34,15 +35,15 @@ class Router(nn.Module):
         return (u @ self.weight.to(u.dtype).t()).squeeze(-1)
 
 
-def project_qkv(module: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary):
+def project_qkv(module: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary, config):
     """q [B, L, HQ, D], k/v [B, L, H, D] with the module's projections, q/k norms and RoPE."""
     shape = (*x.shape[:-1], -1, module.head_dim)
     q = module.q_proj(x).view(shape)
     k = module.k_proj(x).view(shape)
     v = module.v_proj(x).view(shape)
     if hasattr(module, "q_norm"):  # Qwen3 normalises q and k per head; Qwen2 does not
-        q, k = module.q_norm(q), module.k_norm(k)
-    q, k = rotary(q, k, cos, sin, unsqueeze_dim=2)
+        q, k = fused_ops.rms_norm(module.q_norm, q, config), fused_ops.rms_norm(module.k_norm, k, config)
+    q, k = fused_ops.rotary(rotary, q, k, cos, sin, config)
     return q, k, v
 
 
@@ -87,7 +88,7 @@ class L2ADecoderLayer(nn.Module):
         backend = attn_ops.resolve_backend(cfg.l2a_backend, x.device)
         attn = self.self_attn
 
-        q, k, v = project_qkv(attn, self.input_layernorm(x), cos, sin, self.rotary)
+        q, k, v = project_qkv(attn, fused_ops.rms_norm(self.input_layernorm, x, cfg), cos, sin, self.rotary, cfg)
         if cache is not None:
             a = cache.self_attention(q, k, v, layout, attn.scaling, backend)
         elif self.layer_type == "global":
@@ -102,12 +103,12 @@ class L2ADecoderLayer(nn.Module):
             terms = torch.zeros(3, device=x.device)  # a fill, not a host-to-device copy
             terms[1:] = 1.0 if self.layer_type == "global" else 0.0
 
-        out = h + self.mlp(self.post_attention_layernorm(h))
+        out = h + fused_ops.mlp(self.mlp, fused_ops.rms_norm(self.post_attention_layernorm, h, cfg), cfg)
         return out, terms
 
     def _routed_global(self, h, cos, sin, layout, routing_step, backend, cache=None):
         cfg = self.config
-        u = self.global_layernorm(h)
+        u = fused_ops.rms_norm(self.global_layernorm, h, cfg)
         if cfg.l2a_routing == "random":
             seed = routing_step * 1_000_003 + self.layer_idx
             if cache is not None and cache.length > h.shape[1]:  # a step after prefill: a fresh draw per position
@@ -123,7 +124,7 @@ class L2ADecoderLayer(nn.Module):
             route = d.detach() > 0.5
             p_sq = (p * p).sum(-1).mean()
 
-        q, k, v = project_qkv(self.global_attn, u, cos, sin, self.rotary)
+        q, k, v = project_qkv(self.global_attn, u, cos, sin, self.rotary, cfg)
         scale = self.global_attn.scaling
         dense = cfg.l2a_backend == "dense" or (
             self.training and dense_path_drawn(float(cfg.l2a_p_dense), routing_step, self.layer_idx)

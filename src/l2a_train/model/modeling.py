@@ -20,6 +20,7 @@ from transformers.models.qwen3 import modeling_qwen3 as qwen3
 
 from .cache import L2ACache, cache_field_name
 from .config import L2AQwen2Config, L2AQwen3Config
+from . import fused_ops
 from .documents import DocumentLayout
 from .layer import L2ADecoderLayer, Router
 
@@ -106,7 +107,7 @@ class L2AModelMixin:
             terms.append(t)
         terms = torch.stack(terms)  # [num_layers, 3]
         return L2AModelOutput(
-            last_hidden_state=self.norm(x),
+            last_hidden_state=fused_ops.rms_norm(self.norm, x, self.config),
             router_reg=terms[:, 0].sum() / len(self.layers),
             routed_fraction=terms[:, 1].detach(),
             mean_prob=terms[:, 2].detach(),
