@@ -237,7 +237,7 @@ def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, d
                 start, end, kvh, HQ, qk_scale, window,
                 G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
                 COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-                DQ_MODE: tl.constexpr):
+                DQ_MODE: tl.constexpr, ROWS: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     for start_m in range(start, end, BLOCK_M):
@@ -246,12 +246,24 @@ def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, d
             row_ok = rows < end  # rows past the span belong to the next span: exclude them
             rows = tl.minimum(rows, end - 1)
         c = rows // G
-        hq = kvh * G + rows % G
-        c64 = c.to(tl.int64)
-        q = tl.load(QC + c64[:, None] * stride_qct + hq[:, None] * stride_qch + offs_d[None, :])
-        do = tl.load(DOC + c64[:, None] * stride_dct + hq[:, None] * stride_dch + offs_d[None, :])
-        lse = tl.load(LSE + c * HQ + hq)
-        delta = tl.load(DELTA + c * HQ + hq)
+        if ROWS == 0:  # gather from [N, HQ, D] / [N, HQ]
+            hq = kvh * G + rows % G
+            c64 = c.to(tl.int64)
+            q = tl.load(QC + c64[:, None] * stride_qct + hq[:, None] * stride_qch + offs_d[None, :])
+            do = tl.load(DOC + c64[:, None] * stride_dct + hq[:, None] * stride_dch + offs_d[None, :])
+            lse = tl.load(LSE + c * HQ + hq)
+            delta = tl.load(DELTA + c * HQ + hq)
+        else:  # rows already in this kernel's order: [H * N * G, D] / [H * N * G]
+            r = dq_row_base + rows
+            if ROWS == 1:
+                r64 = r.to(tl.int64)
+                q = tl.load(QC + r64[:, None] * D + offs_d[None, :])
+                do = tl.load(DOC + r64[:, None] * D + offs_d[None, :])
+            else:  # TMA block loads (rows past the span are loaded, then masked out below)
+                q = QC.load([dq_row_base + start_m, 0])
+                do = DOC.load([dq_row_base + start_m, 0])
+            lse = tl.load(LSE + r)
+            delta = tl.load(DELTA + r)
         # transposed problem: keys are rows of sT [BLOCK_N, BLOCK_M]
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         pT = tl.math.exp2(sT - lse[None, :])
@@ -293,7 +305,7 @@ def _bwd_dkdv_kernel(QC, K, V, DOC, DK, DV, LSE, DELTA, POS, DOCSTART, DOCEND, D
                      n_comp, T, HQ, window, qk_scale, sm_scale,
                      G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-                     DQ_MODE: tl.constexpr):
+                     DQ_MODE: tl.constexpr, ROWS: tl.constexpr):
     # grid (H, key blocks): early key blocks are seen by the most rows, so they start first
     kvh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -321,13 +333,13 @@ def _bwd_dkdv_kernel(QC, K, V, DOC, DK, DV, LSE, DELTA, POS, DOCSTART, DOCEND, D
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, kvh * n_comp * G,
                          stride_qct, stride_qch, stride_dct, stride_dch, mid_s, mid_e, kvh, HQ, qk_scale,
-                         window, G, D, BLOCK_M, False, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE)
+                         window, G, D, BLOCK_M, False, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, ROWS)
     dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, kvh * n_comp * G,
                          stride_qct, stride_qch, stride_dct, stride_dch, row_lo, mid_s, kvh, HQ, qk_scale,
-                         window, G, D, BLOCK_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE)
+                         window, G, D, BLOCK_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, ROWS)
     dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, kvh * n_comp * G,
                          stride_qct, stride_qch, stride_dct, stride_dch, mid_e, row_hi, kvh, HQ, qk_scale,
-                         window, G, D, BLOCK_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE)
+                         window, G, D, BLOCK_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, ROWS)
     dk = dk * sm_scale
     tl.store(DK + kvh * stride_dkh + kpos[:, None] * stride_dkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
@@ -375,6 +387,13 @@ CONFIGS = {
     "dkdv_tma": {64: (64, 64, 4, 3), 128: (64, 128, 8, 2)},
 }
 DQ_MODE = {64: 0, 128: 0}
+# How the dK/dV kernel (DQ_MODE 0) reads query rows: "gather" from the compact [N, HQ, D]
+# buffers, "rows" from copies in its own row order ([H, N * G, D], one contiguous block per
+# tile), "rows_tma" the same through TMA block loads (compiled GPUs only; "rows" when
+# interpreted). Measured on an H200 at 128K, 20% routed (docs/BENCHMARKS.md): the whole
+# backward takes 180 -> 150 ms (28/4/128) and 57 -> 42 ms (14/2/64) from gather to rows_tma;
+# the copies cost two extra passes over the routed rows.
+DKDV_LAYOUT = {64: "rows_tma", 128: "rows_tma"}
 INTERPRET_CONFIG = (16, 16, 1, 1)
 
 
@@ -474,12 +493,27 @@ def backward(do, q, k, v, out, lse, pos, docstart, docend, window, scale, dq_mod
     # the dK/dV loop reads query rows many times: gather them once into dense compact buffers
     qc = q.index_select(0, pos) if compact else q
     doc = do.index_select(0, pos) if compact else do
+    layout = DKDV_LAYOUT[_key(D)] if dq_mode == 0 else "gather"
+    if layout == "rows_tma" and INTERPRETED:
+        layout = "rows"
+    lse_arg, delta_arg = lse, delta
+    if layout != "gather":
+        def rows(t):  # [N, HQ, ...] -> [H * N * G, ...]: each KV head's rows contiguous
+            return t.reshape(n, H, G, *t.shape[2:]).transpose(0, 1).reshape(H * n_rows, *t.shape[2:])
+
+        qc, doc, lse_arg, delta_arg = rows(qc), rows(doc), rows(lse), rows(delta)
+        if layout == "rows_tma":
+            qc, doc = _tma_descriptor(qc, BM), _tma_descriptor(doc, BM)
+        dq_arg = delta_arg  # unused pointer (DQ_MODE 0); the row base is passed as for mode 2
+    rows_mode = ("gather", "rows", "rows_tma").index(layout)
+    stride_q = (qc.stride(0), qc.stride(1)) if rows_mode == 0 else (0, 0)
+    stride_do = (doc.stride(0), doc.stride(1)) if rows_mode == 0 else (0, 0)
     _bwd_dkdv_kernel[(H, triton.cdiv(T, BN))](
-        qc, k, v, doc, dk, dv, lse, delta, pos_arg, docstart, docend, dq_arg,
-        qc.stride(0), qc.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        doc.stride(0), doc.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        qc, k, v, doc, dk, dv, lse_arg, delta_arg, pos_arg, docstart, docend, dq_arg,
+        *stride_q, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *stride_do, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         n, T, HQ, window_arg, qk_scale, scale,
-        G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, DQ_MODE=dq_mode,
+        G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, DQ_MODE=dq_mode, ROWS=rows_mode,
         num_warps=warps, num_stages=stages, **const,
     )
     if dq_mode:

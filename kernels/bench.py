@@ -224,6 +224,7 @@ TUNE_SPACE = {
     },
 }
 BACKWARD_KINDS = ("dkdv", "dkdv_atomic", "dkdv_tma")  # index = DQ_MODE
+DKDV_LAYOUTS = ("gather", "rows", "rows_tma")  # _triton_attn.DKDV_LAYOUT, tuned with DQ_MODE 0
 
 
 def tune(HQ, H, D, T, frac, budget_ms=150.0):
@@ -269,13 +270,27 @@ def tune(HQ, H, D, T, frac, budget_ms=150.0):
         measure("dq", cfg, bwd(0))
     best("dq")
     t_mode = []
+    t_layout = {}
     for mode, kind in enumerate(BACKWARD_KINDS):
+        if mode == 0:  # the split backward: also how its dK/dV kernel reads query rows
+            for layout in DKDV_LAYOUTS:
+                kern.DKDV_LAYOUT[key] = layout
+                for cfg in space[kind]:
+                    t = measure(kind, cfg, bwd(mode))
+                    if t < t_layout.get(layout, (float("inf"),))[0]:
+                        t_layout[layout] = (t, cfg)
+            layout = min(t_layout, key=lambda x: t_layout[x][0])
+            kern.DKDV_LAYOUT[key] = layout
+            kern.CONFIGS[kind][key] = t_layout[layout][1]
+            t_mode.append(t_layout[layout][0])
+            continue
         for cfg in space[kind]:
             measure(kind, cfg, bwd(mode))
         t_mode.append(best(kind))
     kern.DQ_MODE[key] = min(range(3), key=lambda m: t_mode[m])
     chosen = {kind: kern.CONFIGS[kind][key] for kind in ("fwd", "dq") + BACKWARD_KINDS}
     chosen["DQ_MODE"] = kern.DQ_MODE[key]
+    chosen["DKDV_LAYOUT"] = kern.DKDV_LAYOUT[key]
     print(f"  tuned D={D}: {chosen} (backward by DQ_MODE: " + ", ".join(f"{t:.2f}" for t in t_mode) + " ms)",
           file=sys.stderr)
     return chosen, results
@@ -378,7 +393,7 @@ def main(argv=None):
             json.dump(record, f, indent=1, default=str)
     kern = ops._kernels()
     print(header)
-    print(f"configs: {kern.CONFIGS} DQ_MODE={kern.DQ_MODE}")
+    print(f"configs: {kern.CONFIGS} DQ_MODE={kern.DQ_MODE} DKDV_LAYOUT={kern.DKDV_LAYOUT}")
     print(format_table(rows))
 
 

@@ -122,6 +122,25 @@ def test_atomic_dq_backward(interpreter, monkeypatch, case):
                  q, k, v, do)
 
 
+@pytest.mark.parametrize("layout", ["gather", "rows"])
+@pytest.mark.parametrize("case", [0, 1])
+def test_dkdv_layouts_backward(interpreter, monkeypatch, case, layout):
+    """Both ways the dK/dV kernel reads query rows: gathered from the compact buffers, or from
+    copies in its own row order (the default "rows_tma" runs as "rows" in the interpreter; its
+    TMA form is tested in test_kernels_gpu.py)."""
+    monkeypatch.setattr(interpreter, "DKDV_LAYOUT", {64: layout, 128: layout})
+    T, HQ, H, D = 101, 6, 2, 32
+    q, k, v, do = _inputs(T, HQ, H, D, torch.float32, seed=12)
+    cu = torch.tensor([0, 30, 31, 101], dtype=torch.int32)
+    if case == 0:
+        route = torch.rand(T, generator=torch.Generator().manual_seed(4)) < 0.4
+        _compare(lambda *a: l2a_kernels.conditional_attention(*a, route, cu_seqlens=cu),
+                 torch.nonzero(route).squeeze(1), cu, None, q, k, v, do)
+    else:
+        _compare(lambda *a: l2a_kernels.sliding_window_attention(*a, 9, cu_seqlens=cu), torch.arange(T), cu, 9,
+                 q, k, v, do)
+
+
 def test_density_zero_gives_zeros_and_zero_grads():
     T, HQ, H, D = 50, 4, 2, 16
     q, k, v, do = _inputs(T, HQ, H, D, torch.float32)

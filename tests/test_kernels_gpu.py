@@ -54,10 +54,15 @@ def _compare(kernel_fn, idx, cu, window, q, k, v, do):
 SHAPES = [(28, 4, 128), (14, 2, 64)]
 
 
-@pytest.mark.parametrize("dq_mode", [0, 1, 2])
+# backward variants: (DQ_MODE, DKDV_LAYOUT)
+VARIANTS = [(0, "gather"), (0, "rows"), (0, "rows_tma"), (1, "gather"), (2, "gather")]
+
+
+@pytest.mark.parametrize("dq_mode, layout", VARIANTS)
 @pytest.mark.parametrize("HQ,H,D", SHAPES)
-def test_conditional_bf16(compiled, monkeypatch, HQ, H, D, dq_mode):
+def test_conditional_bf16(compiled, monkeypatch, HQ, H, D, dq_mode, layout):
     monkeypatch.setattr(compiled, "DQ_MODE", {64: dq_mode, 128: dq_mode})
+    monkeypatch.setattr(compiled, "DKDV_LAYOUT", {64: layout, 128: layout})
     T = 8191
     q, k, v, do = _inputs(T, HQ, H, D, seed=D)
     route = torch.rand(T, device="cuda") < 0.2
@@ -67,10 +72,11 @@ def test_conditional_bf16(compiled, monkeypatch, HQ, H, D, dq_mode):
     assert (out[~route] == 0).all() and (dq[~route] == 0).all()
 
 
-@pytest.mark.parametrize("dq_mode", [0, 2])
+@pytest.mark.parametrize("dq_mode, layout", [(0, "gather"), (0, "rows_tma"), (2, "gather")])
 @pytest.mark.parametrize("HQ,H,D", SHAPES)
-def test_sliding_window_bf16(compiled, monkeypatch, HQ, H, D, dq_mode):
+def test_sliding_window_bf16(compiled, monkeypatch, HQ, H, D, dq_mode, layout):
     monkeypatch.setattr(compiled, "DQ_MODE", {64: dq_mode, 128: dq_mode})
+    monkeypatch.setattr(compiled, "DKDV_LAYOUT", {64: layout, 128: layout})
     T, W = 8192, 1000
     q, k, v, do = _inputs(T, HQ, H, D, seed=D + 1)
     cu = torch.tensor([0, 2500, T], dtype=torch.int32, device="cuda")
