@@ -105,29 +105,14 @@ def test_sliding_window_fp16_gqa():
     _compare(lambda *a: l2a_kernels.sliding_window_attention(*a, 20), torch.arange(T), None, 20, q, k, v, do)
 
 
+@pytest.mark.parametrize("dq_mode, layout", [(0, "gather"), (0, "rows"), (1, "gather")])
 @pytest.mark.parametrize("case", [0, 1])
-def test_atomic_dq_backward(interpreter, monkeypatch, case):
-    """The backward that accumulates dQ with atomics inside the dK/dV kernel (DQ_MODE 1; mode 2,
-    the TMA reduce, runs as mode 1 in the interpreter and is tested in test_kernels_gpu.py)."""
-    monkeypatch.setattr(interpreter, "DQ_MODE", {64: 1, 128: 1})
-    T, HQ, H, D = 101, 4, 2, 32
-    q, k, v, do = _inputs(T, HQ, H, D, torch.float32, seed=11)
-    cu = torch.tensor([0, 30, 101], dtype=torch.int32)
-    if case == 0:
-        route = torch.rand(T, generator=torch.Generator().manual_seed(3)) < 0.4
-        _compare(lambda *a: l2a_kernels.conditional_attention(*a, route, cu_seqlens=cu),
-                 torch.nonzero(route).squeeze(1), cu, None, q, k, v, do)
-    else:
-        _compare(lambda *a: l2a_kernels.sliding_window_attention(*a, 9, cu_seqlens=cu), torch.arange(T), cu, 9,
-                 q, k, v, do)
-
-
-@pytest.mark.parametrize("layout", ["gather", "rows"])
-@pytest.mark.parametrize("case", [0, 1])
-def test_dkdv_layouts_backward(interpreter, monkeypatch, case, layout):
-    """Both ways the dK/dV kernel reads query rows: gathered from the compact buffers, or from
-    copies in its own row order (the default "rows_tma" runs as "rows" in the interpreter; its
-    TMA form is tested in test_kernels_gpu.py)."""
+def test_backward_variants(interpreter, monkeypatch, case, dq_mode, layout):
+    """Every backward: DQ_MODE 0 with the dK/dV kernel reading query rows gathered from the
+    compact buffers or from copies in its own row order (the default "rows_tma" runs as "rows"
+    here), and DQ_MODE 1, dQ added with atomics inside the dK/dV kernel (mode 2, the TMA reduce,
+    runs as mode 1 here). The TMA forms are tested in test_kernels_gpu.py."""
+    monkeypatch.setattr(interpreter, "DQ_MODE", {64: dq_mode, 128: dq_mode})
     monkeypatch.setattr(interpreter, "DKDV_LAYOUT", {64: layout, 128: layout})
     T, HQ, H, D = 101, 6, 2, 32
     q, k, v, do = _inputs(T, HQ, H, D, torch.float32, seed=12)
