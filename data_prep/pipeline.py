@@ -406,6 +406,11 @@ def prepare(cfg: dict) -> dict | None:
     specs = {name: sources.resolve(name, dict(spec), cfg["source_defaults"]) for name, spec in cfg["sources"].items()}
     by_domain = _by_domain(specs)
     weights = mixture.parse_mixture(cfg["mixture"], list(by_domain))
+    cache = Path(cfg["tokenizer"]["train"]["cache_dir"]).resolve()
+    if cfg["tokenizer"]["path"] is None and cache.is_relative_to(out.resolve()):
+        # the trained tokenizer would land in the output first and make it look foreign
+        raise UserError(f"tokenizer.train.cache_dir='{cfg['tokenizer']['train']['cache_dir']}' lies inside "
+                        f"output '{out}'; choose another output directory or cache_dir")
     info = _tokenizer(cfg, by_domain, weights)
     tokenizer_json = tokenizer.backend_json(info.path)
     encoder = tokenizer.Encoder(tokenizer_json, info.bos_token_id, info.eos_token_id, info.add_bos, threads=True)

@@ -159,6 +159,11 @@ def test_configuration_errors_name_the_setting(tmp_path, tok_dir):
         prepare(make_config(tmp_path / "o", tok_dir, {}))
     with pytest.raises(UserError, match="seq_len must be"):
         prepare(make_config(tmp_path / "o", tok_dir, ok, seq_len=1))
+    inside = make_config(tmp_path / "data", None, ok)  # the built-in tokenizer, cached inside the output
+    inside["tokenizer"]["train"]["cache_dir"] = str(tmp_path / "data" / "tokenizers")
+    with pytest.raises(UserError, match=r"tokenizer.train.cache_dir=.* lies inside output"):
+        prepare(inside)
+    assert not (tmp_path / "data").exists()  # found before anything was written
 
 
 def test_nothing_usable_is_an_error_not_an_empty_data_set(tmp_path, tok_dir):
