@@ -354,6 +354,7 @@ def _check(data, *overrides, world_size=1):
         (["trainer.warmup_steps=500", "trainer.steps=10"], 1, "below trainer.steps=10"),
         (["model.config.vocab_size=1000"], 1, "vocab_size=1000"),
         (["trainer.init_from=/no/such/run"], 1, "trainer.init_from=/no/such/run does not exist"),
+        (["trainer.keep_attention_outputs=true"], 1, "only applies with trainer.grad_checkpointing=true"),
     ],
 )
 def test_config_errors(data, overrides, world, expected):

@@ -157,6 +157,9 @@ def check_config(cfg, world_size: int) -> dict:
         raise UserError(f"trainer.init_from={t.init_from} does not exist; give a checkpoint of an earlier run")
     if t.get("stop_at") is not None and int(t.stop_at) < 1:
         raise UserError(f"trainer.stop_at={t.stop_at}: give a step >= 1 (or null)")
+    if t.get("keep_attention_outputs") and not t.grad_checkpointing:
+        raise UserError("trainer.keep_attention_outputs=true only applies with trainer.grad_checkpointing=true "
+                        "(without checkpointing nothing is recomputed); enable checkpointing or drop the setting")
 
     from .data import PackedDataset  # raises UserError naming the path
 
