@@ -389,8 +389,8 @@ CONFIGS = {
 DQ_MODE = {64: 0, 128: 0}
 # How the dK/dV kernel (DQ_MODE 0) reads query rows: "gather" from the compact [N, HQ, D]
 # buffers, "rows" from copies in its own row order ([H, N * G, D], one contiguous block per
-# tile), "rows_tma" the same through TMA block loads (compiled GPUs only; "rows" when
-# interpreted). Measured on an H200 at 128K, 20% routed (docs/BENCHMARKS.md): the whole
+# tile), "rows_tma" the same through TMA block loads (Hopper and newer; "rows" on older GPUs
+# and when interpreted). Measured on an H200 at 128K, 20% routed (docs/BENCHMARKS.md): the whole
 # backward takes 180 -> 150 ms (28/4/128) and 57 -> 42 ms (14/2/64) from gather to rows_tma;
 # the copies cost two extra passes over the routed rows.
 DKDV_LAYOUT = {64: "rows_tma", 128: "rows_tma"}
@@ -494,8 +494,8 @@ def backward(do, q, k, v, out, lse, pos, docstart, docend, window, scale, dq_mod
     qc = q.index_select(0, pos) if compact else q
     doc = do.index_select(0, pos) if compact else do
     layout = DKDV_LAYOUT[_key(D)] if dq_mode == 0 else "gather"
-    if layout == "rows_tma" and INTERPRETED:
-        layout = "rows"
+    if layout == "rows_tma" and (INTERPRETED or torch.cuda.get_device_capability(q.device)[0] < 9):
+        layout = "rows"  # TMA needs Hopper or newer
     lse_arg, delta_arg = lse, delta
     if layout != "gather":
         def rows(t):  # [N, HQ, ...] -> [H * N * G, ...]: each KV head's rows contiguous

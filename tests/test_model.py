@@ -273,7 +273,9 @@ def test_gradient_checkpointing_gives_identical_gradients():
         return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     plain = grads()
-    model.gradient_checkpointing_enable()
+    from l2a_train.model.checkpointing import enable_checkpointing
+
+    enable_checkpointing(model)
     assert model.model.gradient_checkpointing
     for a, b in zip(plain, grads(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
