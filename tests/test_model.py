@@ -398,3 +398,53 @@ def test_keep_attention_checkpointing_on_a_transformers_model():
     enable_checkpointing(base, keep_attention=True)
     for a, b in zip(plain, grads(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_ops_route_every_norm_mlp_and_rope_through_liger(monkeypatch):
+    """The wiring of l2a.fused_ops=liger, checked on CPU: liger's functions (CUDA-only) are
+    replaced by PyTorch equivalents that count their calls, and `_liger` is forced on. Every
+    RMSNorm (Qwen3's q/k norms included), MLP and RoPE of the model goes through them, and the
+    model computes what transformers' modules compute. tests/test_model_gpu.py runs liger itself."""
+    import liger_kernel.ops.rms_norm as liger_norm
+    import liger_kernel.ops.swiglu as liger_swiglu
+    import liger_kernel.transformers.rope as liger_rope
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+    from l2a_train.model import fused_ops
+
+    calls = {"norm": 0, "mlp": 0, "rope": 0}
+
+    class Norm:
+        @staticmethod
+        def apply(x, w, eps, offset, casting_mode, in_place):
+            assert (offset, casting_mode, in_place) == (0.0, "llama", False)
+            calls["norm"] += 1
+            xf = x.float()
+            return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    class SiLUMul:
+        @staticmethod
+        def apply(a, b):
+            calls["mlp"] += 1
+            return torch.nn.functional.silu(a) * b
+
+    def rope(q, k, cos, sin):  # liger's layout: [B, heads, L, D]
+        calls["rope"] += 1
+        return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+
+    monkeypatch.setattr(liger_norm, "LigerRMSNormFunction", Norm)
+    monkeypatch.setattr(liger_swiglu, "LigerSiLUMulFunction", SiLUMul)
+    monkeypatch.setattr(liger_rope, "liger_rotary_pos_emb", rope)
+    monkeypatch.setattr(fused_ops, "_liger", lambda config, x: config.l2a_fused_ops == "liger")
+    _, model = base_and_l2a("tiny_qwen3", "l2a.window=8", "l2a.p_dense=0")
+    ids = tokens()
+    with torch.no_grad():
+        model.config.l2a_fused_ops = "none"
+        plain = model(ids).logits
+        assert calls == {"norm": 0, "mlp": 0, "rope": 0}
+        model.config.l2a_fused_ops = "liger"
+        fused = model(ids).logits
+    layers = model.config.num_hidden_layers
+    # per L2A layer: 3 norms + 2 x (q, k) norms, 1 MLP, 2 RoPEs; plus the final norm
+    assert calls == {"norm": 7 * layers + 1, "mlp": layers, "rope": 2 * layers}
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)

@@ -7,12 +7,16 @@ they are about 30% of the device time at 32K tokens (docs/BENCHMARKS.md): an L2A
 third RMSNorm and a second RoPE. liger-kernel (a dependency already, for the fused
 cross-entropy) fuses each into one Triton kernel per direction, with the same weights.
 
-Only CUDA tensors take liger's path (its RMSNorm does not run on CPU); everywhere else, and
-with `fused_ops: none`, transformers' modules compute as before. liger's RoPE writes its result
-into q and k in place, which is safe here: they are fresh projections nobody else holds.
+The norm and MLP are subclasses of transformers' own classes (same parameters, same names),
+so they are still called as modules and DeepSpeed ZeRO-3 gathers their weights as usual. Only
+CUDA tensors take liger's path (its RMSNorm does not run on CPU), and only while the model's
+config says `l2a_fused_ops="liger"` (a runtime setting); otherwise transformers' forward runs.
+liger's RoPE writes its result into q and k in place: they are fresh projections nobody holds.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -23,23 +27,41 @@ def _liger(config, x: torch.Tensor) -> bool:
     return x.is_cuda and getattr(config, "l2a_fused_ops", "none") == "liger"
 
 
-def rms_norm(module, x: torch.Tensor, config) -> torch.Tensor:
-    """`module(x)` for a Qwen2/Qwen3 RMSNorm (float32 statistics, cast back, then the weight)."""
-    if not _liger(config, x):
-        return module(x)
-    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+@functools.cache
+def fused_rms_norm(base: type) -> type:
+    """`base` (Qwen2RMSNorm / Qwen3RMSNorm) taking the model config, fused on CUDA."""
 
-    # casting mode "llama" is what the Qwen modules compute; in_place=False keeps dY intact
-    return LigerRMSNormFunction.apply(x, module.weight, module.variance_epsilon, 0.0, "llama", False)
+    class FusedRMSNorm(base):
+        def __init__(self, hidden_size, eps=1e-6, *, config):
+            super().__init__(hidden_size, eps=eps)
+            self.l2a_config = config
+
+        def forward(self, x):
+            if not _liger(self.l2a_config, x):
+                return super().forward(x)
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+            # casting mode "llama" is what the Qwen norms compute; in_place=False keeps dY intact
+            return LigerRMSNormFunction.apply(x, self.weight, self.variance_epsilon, 0.0, "llama", False)
+
+    FusedRMSNorm.__name__ = FusedRMSNorm.__qualname__ = f"Fused{base.__name__}"
+    return FusedRMSNorm
 
 
-def mlp(module, x: torch.Tensor, config) -> torch.Tensor:
-    """`module(x)` for a Qwen SwiGLU MLP: down(silu(gate(x)) * up(x))."""
-    if not _liger(config, x):
-        return module(x)
-    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+@functools.cache
+def fused_mlp(base: type) -> type:
+    """`base` (Qwen2MLP / Qwen3MLP: down(silu(gate(x)) * up(x))), fused on CUDA."""
 
-    return module.down_proj(LigerSiLUMulFunction.apply(module.gate_proj(x), module.up_proj(x)))
+    class FusedMLP(base):
+        def forward(self, x):
+            if not _liger(self.config, x):
+                return super().forward(x)
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+            return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+
+    FusedMLP.__name__ = FusedMLP.__qualname__ = f"Fused{base.__name__}"
+    return FusedMLP
 
 
 def rotary(apply_rotary_pos_emb, q, k, cos, sin, config):

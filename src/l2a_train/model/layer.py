@@ -42,7 +42,7 @@ def project_qkv(module: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torc
     k = module.k_proj(x).view(shape)
     v = module.v_proj(x).view(shape)
     if hasattr(module, "q_norm"):  # Qwen3 normalises q and k per head; Qwen2 does not
-        q, k = fused_ops.rms_norm(module.q_norm, q, config), fused_ops.rms_norm(module.k_norm, k, config)
+        q, k = module.q_norm(q), module.k_norm(k)
     q, k = fused_ops.rotary(rotary, q, k, cos, sin, config)
     return q, k, v
 
@@ -61,6 +61,15 @@ def straight_through(p: torch.Tensor, threshold: float) -> torch.Tensor:
     return hard + (p - p.detach())
 
 
+def _attention(modules, config, layer_idx: int) -> nn.Module:
+    """The family's attention module (for its projections); Qwen3's q/k norms made fusable."""
+    attn = modules.Attention(config, layer_idx)
+    if hasattr(attn, "q_norm"):
+        attn.q_norm = modules.RMSNorm(attn.head_dim, eps=config.rms_norm_eps, config=config)
+        attn.k_norm = modules.RMSNorm(attn.head_dim, eps=config.rms_norm_eps, config=config)
+    return attn
+
+
 class L2ADecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int, modules):
         super().__init__()
@@ -68,13 +77,13 @@ class L2ADecoderLayer(nn.Module):
         self.layer_type = config.l2a_layer_types[layer_idx]
         self.config = config
         self.rotary = modules.apply_rotary_pos_emb
-        self.self_attn = modules.Attention(config, layer_idx)
-        self.input_layernorm = modules.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = modules.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = _attention(modules, config, layer_idx)
+        self.input_layernorm = modules.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
+        self.post_attention_layernorm = modules.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
         self.mlp = modules.MLP(config)
         if self.layer_type == "l2a":
-            self.global_attn = modules.Attention(config, layer_idx)
-            self.global_layernorm = modules.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.global_attn = _attention(modules, config, layer_idx)
+            self.global_layernorm = modules.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
             self.router = Router(config.hidden_size)
 
     def forward(self, x, position_embeddings, layout: DocumentLayout, routing_step: int = 0, cache=None):
@@ -88,7 +97,7 @@ class L2ADecoderLayer(nn.Module):
         backend = attn_ops.resolve_backend(cfg.l2a_backend, x.device)
         attn = self.self_attn
 
-        q, k, v = project_qkv(attn, fused_ops.rms_norm(self.input_layernorm, x, cfg), cos, sin, self.rotary, cfg)
+        q, k, v = project_qkv(attn, self.input_layernorm(x), cos, sin, self.rotary, cfg)
         if cache is not None:
             a = cache.self_attention(q, k, v, layout, attn.scaling, backend)
         elif self.layer_type == "global":
@@ -103,12 +112,12 @@ class L2ADecoderLayer(nn.Module):
             terms = torch.zeros(3, device=x.device)  # a fill, not a host-to-device copy
             terms[1:] = 1.0 if self.layer_type == "global" else 0.0
 
-        out = h + fused_ops.mlp(self.mlp, fused_ops.rms_norm(self.post_attention_layernorm, h, cfg), cfg)
+        out = h + self.mlp(self.post_attention_layernorm(h))
         return out, terms
 
     def _routed_global(self, h, cos, sin, layout, routing_step, backend, cache=None):
         cfg = self.config
-        u = fused_ops.rms_norm(self.global_layernorm, h, cfg)
+        u = self.global_layernorm(h)
         if cfg.l2a_routing == "random":
             seed = routing_step * 1_000_003 + self.layer_idx
             if cache is not None and cache.length > h.shape[1]:  # a step after prefill: a fresh draw per position

@@ -29,8 +29,8 @@ def _family_modules(module):
     prefix = "Qwen2" if module is qwen2 else "Qwen3"
     return SimpleNamespace(
         Attention=getattr(module, f"{prefix}Attention"),
-        MLP=getattr(module, f"{prefix}MLP"),
-        RMSNorm=getattr(module, f"{prefix}RMSNorm"),
+        MLP=fused_ops.fused_mlp(getattr(module, f"{prefix}MLP")),
+        RMSNorm=fused_ops.fused_rms_norm(getattr(module, f"{prefix}RMSNorm")),
         RotaryEmbedding=getattr(module, f"{prefix}RotaryEmbedding"),
         apply_rotary_pos_emb=module.apply_rotary_pos_emb,
     )
@@ -58,7 +58,7 @@ class L2AModelMixin:
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(L2ADecoderLayer(config, i, ns) for i in range(config.num_hidden_layers))
-        self.norm = ns.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = ns.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
         self.rotary_emb = ns.RotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.routing_step = 0
@@ -107,7 +107,7 @@ class L2AModelMixin:
             terms.append(t)
         terms = torch.stack(terms)  # [num_layers, 3]
         return L2AModelOutput(
-            last_hidden_state=fused_ops.rms_norm(self.norm, x, self.config),
+            last_hidden_state=self.norm(x),
             router_reg=terms[:, 0].sum() / len(self.layers),
             routed_fraction=terms[:, 1].detach(),
             mean_prob=terms[:, 2].detach(),
