@@ -10,6 +10,8 @@ checkpoint loads into an L2A model directly: `self_attn` is the sliding-window a
 converted layers and the full attention of unconverted ones; `global_attn`, `global_layernorm`
 and `router` are the new modules. We reuse the Qwen attention modules for their projections and
 q/k norms only, and call our own attention backends (document masks, query-sparse kernel).
+Norms and MLPs are transformers' classes too, subclassed in `fused_ops` so that on CUDA they
+run liger-kernel's fused kernels (`l2a.fused_ops`).
 """
 
 from __future__ import annotations
