@@ -135,7 +135,8 @@ def measure(step, vocab, length, args, device) -> dict:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     t = sum(times) / len(times)
     if args.profile:
-        profile_step(step, ids, args.warmup + args.repeats, device, f"{args.profile}/{args.variant_now.replace(':', '-')}-{length}.txt")
+        name = args.variant_now.replace(":", "-")  # no ':' in file names
+        profile_step(step, ids, args.warmup + args.repeats, device, f"{args.profile}/{name}-{length}.txt")
     return dict(step_s=t, median_step_s=statistics.median(times), times_s=times, tokens_per_s=length / t,
                 peak_bytes=peak, loss=loss)
 
