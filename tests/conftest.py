@@ -19,6 +19,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def single_thread():
+    """Tiny models run fastest on one thread (and do not suffer from a busy second core):
+    `pytestmark = pytest.mark.usefixtures("single_thread")` in a test module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -16,13 +16,7 @@ VOCAB = 4096
 CACHE = cache_field_name()  # the cache keyword: `cache` (transformers 5.24) or `past_key_values` (5.17)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models decode fastest on one thread (and do not suffer from a busy second core)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def l2a_model(model="tiny_qwen3", *overrides, router_std=0.05, seed=0):
