@@ -126,6 +126,10 @@ def single(work, data):
                                      "trainer.max_bad_steps=1", "trainer.save_every=0"), fault="nan_at:2,4"),
         "nan2": dict(overrides=_base(data, work / "nan2", "trainer.micro_batch_size=2", "trainer.max_bad_steps=1",
                                      "trainer.save_every=0"), fault="nan_at:2,4"),
+        # the reference under ZeRO-3 with checkpointing that keeps attention outputs
+        "kept": dict(overrides=_base(data, work / "kept", "trainer.micro_batch_size=4", "deepspeed=zero3",
+                                     "trainer.grad_checkpointing=true", "trainer.keep_attention_outputs=true",
+                                     "trainer.save_every=0", "trainer.export_hf=false")),
     }
     results = _runner(list(jobs.values()), work)
     return dict(zip(jobs, results))
@@ -225,6 +229,17 @@ def test_two_processes_match_one(work, single, parallel, stage):
         assert a.keys() == b.keys()
         for key in a:
             assert (a[key] - b[key]).abs().max() < 1e-4, key
+
+
+def test_checkpointing_that_keeps_attention_matches_the_reference(work, single):
+    """trainer.keep_attention_outputs under ZeRO-3 (parameters gathered again for the recompute)
+    trains like the plain ZeRO-2 reference."""
+    assert single["kept"] == {"status": "ok"}
+    ref, kept = _metrics(work / "ref" / "quickstart"), _metrics(work / "kept" / "quickstart")
+    assert [m["step"] for m in kept] == [m["step"] for m in ref]
+    for a, b in zip(ref, kept):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["routed_per_layer"] == pytest.approx(a["routed_per_layer"], abs=1e-6)
 
 
 def test_resume_after_sigterm_and_kill_during_save_is_exact(work, single, resumed):
