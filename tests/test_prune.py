@@ -14,7 +14,9 @@ from l2a_configs import UserError, compose
 from l2a_train.model import kv_cache_bytes
 from l2a_train.model.cache import L2ACache
 from l2a_train.prune import choose, prune
-from test_eval import SUITE, build_workspace, single_thread  # noqa: F401  (fixture)
+from test_eval import SUITE, build_workspace
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
