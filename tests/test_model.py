@@ -448,3 +448,18 @@ def test_fused_ops_route_every_norm_mlp_and_rope_through_liger(monkeypatch):
     # per L2A layer: 3 norms + 2 x (q, k) norms, 1 MLP, 2 RoPEs; plus the final norm
     assert calls == {"norm": 7 * layers + 1, "mlp": layers, "rope": 2 * layers}
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name", FAMILIES)
+def test_model_pickles(model_name):
+    """torch.save(model) / torch.load round trip (the fused norm and MLP classes are importable)."""
+    import io
+
+    _, model = base_and_l2a(model_name, "l2a.window=8")
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

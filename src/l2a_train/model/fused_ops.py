@@ -16,9 +16,9 @@ liger's RoPE writes its result into q and k in place: they are fresh projections
 
 from __future__ import annotations
 
-import functools
-
 import torch
+from transformers.models.qwen2 import modeling_qwen2 as qwen2
+from transformers.models.qwen3 import modeling_qwen3 as qwen3
 
 FUSED_OPS = ("liger", "none")
 
@@ -27,41 +27,62 @@ def _liger(config, x: torch.Tensor) -> bool:
     return x.is_cuda and getattr(config, "l2a_fused_ops", "none") == "liger"
 
 
-@functools.cache
+class _FusedRMSNorm:
+    """Mixed into a Qwen RMSNorm class: takes the model config, runs liger's kernel on CUDA."""
+
+    def __init__(self, hidden_size, eps=1e-6, *, config):
+        super().__init__(hidden_size, eps=eps)
+        self.l2a_config = config
+
+    def forward(self, x):
+        if not _liger(self.l2a_config, x):
+            return super().forward(x)
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        # casting mode "llama" is what the Qwen norms compute; in_place=False keeps dY intact
+        return LigerRMSNormFunction.apply(x, self.weight, self.variance_epsilon, 0.0, "llama", False)
+
+
+class _FusedMLP:
+    """Mixed into a Qwen MLP class (down(silu(gate(x)) * up(x))): liger's SwiGLU on CUDA."""
+
+    def forward(self, x):
+        if not _liger(self.config, x):
+            return super().forward(x)
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+# module-level classes (not made on the fly) so that models pickle (torch.save(model))
+class FusedQwen2RMSNorm(_FusedRMSNorm, qwen2.Qwen2RMSNorm):
+    pass
+
+
+class FusedQwen3RMSNorm(_FusedRMSNorm, qwen3.Qwen3RMSNorm):
+    pass
+
+
+class FusedQwen2MLP(_FusedMLP, qwen2.Qwen2MLP):
+    pass
+
+
+class FusedQwen3MLP(_FusedMLP, qwen3.Qwen3MLP):
+    pass
+
+
+_FUSED = {qwen2.Qwen2RMSNorm: FusedQwen2RMSNorm, qwen3.Qwen3RMSNorm: FusedQwen3RMSNorm,
+          qwen2.Qwen2MLP: FusedQwen2MLP, qwen3.Qwen3MLP: FusedQwen3MLP}
+
+
 def fused_rms_norm(base: type) -> type:
-    """`base` (Qwen2RMSNorm / Qwen3RMSNorm) taking the model config, fused on CUDA."""
-
-    class FusedRMSNorm(base):
-        def __init__(self, hidden_size, eps=1e-6, *, config):
-            super().__init__(hidden_size, eps=eps)
-            self.l2a_config = config
-
-        def forward(self, x):
-            if not _liger(self.l2a_config, x):
-                return super().forward(x)
-            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-
-            # casting mode "llama" is what the Qwen norms compute; in_place=False keeps dY intact
-            return LigerRMSNormFunction.apply(x, self.weight, self.variance_epsilon, 0.0, "llama", False)
-
-    FusedRMSNorm.__name__ = FusedRMSNorm.__qualname__ = f"Fused{base.__name__}"
-    return FusedRMSNorm
+    """The fusable subclass of `base` (Qwen2RMSNorm / Qwen3RMSNorm); it takes `config=`."""
+    return _FUSED[base]
 
 
-@functools.cache
 def fused_mlp(base: type) -> type:
-    """`base` (Qwen2MLP / Qwen3MLP: down(silu(gate(x)) * up(x))), fused on CUDA."""
-
-    class FusedMLP(base):
-        def forward(self, x):
-            if not _liger(self.config, x):
-                return super().forward(x)
-            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-
-            return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
-
-    FusedMLP.__name__ = FusedMLP.__qualname__ = f"Fused{base.__name__}"
-    return FusedMLP
+    """The fusable subclass of `base` (Qwen2MLP / Qwen3MLP)."""
+    return _FUSED[base]
 
 
 def rotary(apply_rotary_pos_emb, q, k, cos, sin, config):
