@@ -504,7 +504,6 @@ def backward(do, q, k, v, out, lse, pos, docstart, docend, window, scale, dq_mod
         qc, doc, lse_arg, delta_arg = rows(qc), rows(doc), rows(lse), rows(delta)
         if layout == "rows_tma":
             qc, doc = _tma_descriptor(qc, BM), _tma_descriptor(doc, BM)
-        dq_arg = delta_arg  # unused pointer (DQ_MODE 0); the row base is passed as for mode 2
     rows_mode = ("gather", "rows", "rows_tma").index(layout)
     stride_q = (qc.stride(0), qc.stride(1)) if rows_mode == 0 else (0, 0)
     stride_do = (doc.stride(0), doc.stride(1)) if rows_mode == 0 else (0, 0)

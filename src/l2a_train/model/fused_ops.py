@@ -75,13 +75,8 @@ _FUSED = {qwen2.Qwen2RMSNorm: FusedQwen2RMSNorm, qwen3.Qwen3RMSNorm: FusedQwen3R
           qwen2.Qwen2MLP: FusedQwen2MLP, qwen3.Qwen3MLP: FusedQwen3MLP}
 
 
-def fused_rms_norm(base: type) -> type:
-    """The fusable subclass of `base` (Qwen2RMSNorm / Qwen3RMSNorm); it takes `config=`."""
-    return _FUSED[base]
-
-
-def fused_mlp(base: type) -> type:
-    """The fusable subclass of `base` (Qwen2MLP / Qwen3MLP)."""
+def fusable(base: type) -> type:
+    """The fusable subclass of a Qwen RMSNorm (it then takes `config=`) or MLP class."""
     return _FUSED[base]
 
 

@@ -29,8 +29,8 @@ def _family_modules(module):
     prefix = "Qwen2" if module is qwen2 else "Qwen3"
     return SimpleNamespace(
         Attention=getattr(module, f"{prefix}Attention"),
-        MLP=fused_ops.fused_mlp(getattr(module, f"{prefix}MLP")),
-        RMSNorm=fused_ops.fused_rms_norm(getattr(module, f"{prefix}RMSNorm")),
+        MLP=fused_ops.fusable(getattr(module, f"{prefix}MLP")),
+        RMSNorm=fused_ops.fusable(getattr(module, f"{prefix}RMSNorm")),
         RotaryEmbedding=getattr(module, f"{prefix}RotaryEmbedding"),
         apply_rotary_pos_emb=module.apply_rotary_pos_emb,
     )
