@@ -56,22 +56,39 @@ def _lower_bound(ptr, n, value, COMPACT: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, qpos, qdoc, K, V, stride_kt, stride_vt, start, end, qk_scale, window,
-               D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               DOT_PREC: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    for start_n in range(start, end, BLOCK_N):
-        kpos = start_n + offs_n
+def _load_kv(K, V, stride_kt, stride_vt, kcol, start_n, end,
+             D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, KV_TMA: tl.constexpr):
+    """K/V tile of keys [start_n, start_n + BLOCK_N). KV_TMA: K, V are TMA descriptors over
+    [T, H * D] (kcol = kvh * D) and the tile comes in one bulk copy; keys past T read as zeros,
+    keys past `end` (but < T) are real values that the caller's mask removes. Otherwise K, V
+    point at this head's [T, D] slice and keys past `end` are not read."""
+    if KV_TMA:
+        k = K.load([start_n, kcol])
+        v = V.load([start_n, kcol])
+    else:
+        kpos = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
         if MASK:
-            in_span = kpos < end  # the span's last block may run into the next span: exclude it
+            in_span = kpos < end
             k = tl.load(K + kpos[:, None] * stride_kt + offs_d[None, :], mask=in_span[:, None], other=0.0)
             v = tl.load(V + kpos[:, None] * stride_vt + offs_d[None, :], mask=in_span[:, None], other=0.0)
         else:
             k = tl.load(K + kpos[:, None] * stride_kt + offs_d[None, :])
             v = tl.load(V + kpos[:, None] * stride_vt + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, qpos, qdoc, K, V, stride_kt, stride_vt, kcol, start, end, qk_scale, window,
+               D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               DOT_PREC: tl.constexpr, KV_TMA: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        kpos = start_n + offs_n
+        k, v = _load_kv(K, V, stride_kt, stride_vt, kcol, start_n, end, D, BLOCK_N, MASK, KV_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if MASK:
+            in_span = kpos < end  # the span's last block may run into the next span: exclude it
             vis = in_span[None, :] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= qdoc[:, None])
             if HAS_WINDOW:
                 vis = vis & (kpos[None, :] > qpos[:, None] - window)
@@ -133,7 +150,8 @@ def _fwd_kernel(Q, K, V, O, LSE, POS, DOCSTART,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 n_rows, HQ, window, qk_scale,
                 G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+                COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+                KV_TMA: tl.constexpr):
     # grid (H, row blocks): heaviest blocks (latest positions) of every head first, better tail
     kvh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -144,17 +162,18 @@ def _fwd_kernel(Q, K, V, O, LSE, POS, DOCSTART,
     q = tl.load(Q + tok[:, None] * stride_qt + hq[:, None] * stride_qh + offs_d[None, :])
     lo, mid_s, mid_e, hi = _row_block_bounds(POS, DOCSTART, row0, n_rows, window,
                                              G, BLOCK_M, BLOCK_N, COMPACT, HAS_WINDOW)
-    K += kvh * stride_kh
-    V += kvh * stride_vh
+    if not KV_TMA:
+        K += kvh * stride_kh
+        V += kvh * stride_vh
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qpos, qdoc, K, V, stride_kt, stride_vt, mid_s, mid_e,
-                               qk_scale, window, D, BLOCK_N, False, HAS_WINDOW, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qpos, qdoc, K, V, stride_kt, stride_vt, lo, mid_s,
-                               qk_scale, window, D, BLOCK_N, True, HAS_WINDOW, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qpos, qdoc, K, V, stride_kt, stride_vt, mid_e, hi,
-                               qk_scale, window, D, BLOCK_N, True, HAS_WINDOW, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qpos, qdoc, K, V, stride_kt, stride_vt, kvh * D, mid_s, mid_e,
+                               qk_scale, window, D, BLOCK_N, False, HAS_WINDOW, DOT_PREC, KV_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qpos, qdoc, K, V, stride_kt, stride_vt, kvh * D, lo, mid_s,
+                               qk_scale, window, D, BLOCK_N, True, HAS_WINDOW, DOT_PREC, KV_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qpos, qdoc, K, V, stride_kt, stride_vt, kvh * D, mid_e, hi,
+                               qk_scale, window, D, BLOCK_N, True, HAS_WINDOW, DOT_PREC, KV_TMA)
     acc = acc / l_i[:, None]
     tl.store(O + tok[:, None] * stride_ot + hq[:, None] * stride_oh + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -165,23 +184,17 @@ def _fwd_kernel(Q, K, V, O, LSE, POS, DOCSTART,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, qpos, qdoc, K, V, stride_kt, stride_vt, start, end, qk_scale, window,
+def _dq_inner(dq, q, do, lse, delta, qpos, qdoc, K, V, stride_kt, stride_vt, kcol, start, end, qk_scale, window,
               D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              DOT_PREC: tl.constexpr, KV_TMA: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
     for start_n in range(start, end, BLOCK_N):
         kpos = start_n + offs_n
-        if MASK:
-            in_span = kpos < end
-            k = tl.load(K + kpos[:, None] * stride_kt + offs_d[None, :], mask=in_span[:, None], other=0.0)
-            v = tl.load(V + kpos[:, None] * stride_vt + offs_d[None, :], mask=in_span[:, None], other=0.0)
-        else:
-            k = tl.load(K + kpos[:, None] * stride_kt + offs_d[None, :])
-            v = tl.load(V + kpos[:, None] * stride_vt + offs_d[None, :])
+        k, v = _load_kv(K, V, stride_kt, stride_vt, kcol, start_n, end, D, BLOCK_N, MASK, KV_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASK:
+            in_span = kpos < end
             vis = in_span[None, :] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= qdoc[:, None])
             if HAS_WINDOW:
                 vis = vis & (kpos[None, :] > qpos[:, None] - window)
@@ -198,7 +211,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, POS, DOCSTART,
                    stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
                    n_rows, HQ, window, qk_scale, sm_scale,
                    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+                   COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+                   KV_TMA: tl.constexpr):
     kvh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     row0 = pid_m * BLOCK_M
@@ -214,15 +228,16 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, POS, DOCSTART,
     lse = tl.load(LSE + c * HQ + hq)
     lo, mid_s, mid_e, hi = _row_block_bounds(POS, DOCSTART, row0, n_rows, window,
                                              G, BLOCK_M, BLOCK_N, COMPACT, HAS_WINDOW)
-    K += kvh * stride_kh
-    V += kvh * stride_vh
+    if not KV_TMA:
+        K += kvh * stride_kh
+        V += kvh * stride_vh
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse, delta, qpos, qdoc, K, V, stride_kt, stride_vt, mid_s, mid_e, qk_scale,
-                   window, D, BLOCK_N, False, HAS_WINDOW, DOT_PREC)
-    dq = _dq_inner(dq, q, do, lse, delta, qpos, qdoc, K, V, stride_kt, stride_vt, lo, mid_s, qk_scale,
-                   window, D, BLOCK_N, True, HAS_WINDOW, DOT_PREC)
-    dq = _dq_inner(dq, q, do, lse, delta, qpos, qdoc, K, V, stride_kt, stride_vt, mid_e, hi, qk_scale,
-                   window, D, BLOCK_N, True, HAS_WINDOW, DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse, delta, qpos, qdoc, K, V, stride_kt, stride_vt, kvh * D, mid_s, mid_e, qk_scale,
+                   window, D, BLOCK_N, False, HAS_WINDOW, DOT_PREC, KV_TMA)
+    dq = _dq_inner(dq, q, do, lse, delta, qpos, qdoc, K, V, stride_kt, stride_vt, kvh * D, lo, mid_s, qk_scale,
+                   window, D, BLOCK_N, True, HAS_WINDOW, DOT_PREC, KV_TMA)
+    dq = _dq_inner(dq, q, do, lse, delta, qpos, qdoc, K, V, stride_kt, stride_vt, kvh * D, mid_e, hi, qk_scale,
+                   window, D, BLOCK_N, True, HAS_WINDOW, DOT_PREC, KV_TMA)
     dq = dq * sm_scale
     tl.store(DQ + tok[:, None] * stride_dqt + hq[:, None] * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -394,6 +409,9 @@ DQ_MODE = {64: 0, 128: 0}
 # backward takes 180 -> 150 ms (28/4/128) and 57 -> 42 ms (14/2/64) from gather to rows_tma;
 # the copies cost two extra passes over the routed rows.
 DKDV_LAYOUT = {64: "rows_tma", 128: "rows_tma"}
+# Whether the forward and dQ kernels load K/V tiles through TMA, per kernel and head dim
+# (Hopper and newer, compiled only; K/V strides that TMA cannot describe use pointer loads).
+KV_TMA = {"fwd": {64: True, 128: True}, "dq": {64: True, 128: True}}
 INTERPRET_CONFIG = (16, 16, 1, 1)
 
 
@@ -430,20 +448,39 @@ def forward(q, k, v, pos, docstart, window, scale):
     const, window_arg, qk_scale = _common(q, window, scale)
     BM, BN, warps, stages = _config("fwd", D)
     n_rows = n * G
+    k_arg, v_arg, kv_tma = _kv_args("fwd", k, v, BN)
     _fwd_kernel[(H, triton.cdiv(n_rows, BM))](
-        q, k, v, out, lse, pos if compact else docstart, docstart,
+        q, k_arg, v_arg, out, lse, pos if compact else docstart, docstart,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         n_rows, HQ, window_arg, qk_scale,
-        G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, num_warps=warps, num_stages=stages, **const,
+        G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, KV_TMA=kv_tma, num_warps=warps, num_stages=stages,
+        **const,
     )
     return out, lse
 
 
-def _tma_descriptor(t2d, block_rows):
+def _tma_descriptor(t2d, block_rows, block_cols=None):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), [block_rows, t2d.shape[1]])
+    return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), [block_rows, block_cols or t2d.shape[1]])
+
+
+def _has_tma(t) -> bool:
+    return not INTERPRETED and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def _kv_args(kind, k, v, block_n):
+    """(K, V, KV_TMA) arguments of the forward and dQ kernels: TMA descriptors over [T, H * D]
+    where the layout allows it (KV_TMA[kind] on, Hopper or newer, each head's D values contiguous,
+    16-byte aligned rows), else the tensors themselves for pointer loads."""
+    T, H, D = k.shape
+    ok = KV_TMA[kind][_key(D)] and _has_tma(k) and all(
+        t.stride(2) == 1 and t.stride(1) == D and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0 for t in (k, v))
+    if not ok:
+        return k, v, False
+    return (*(_tma_descriptor(t.as_strided((T, H * D), (t.stride(0), 1)), block_n, D) for t in (k, v)), True)
 
 
 def backward(do, q, k, v, out, lse, pos, docstart, docend, window, scale, dq_mode=None):
@@ -482,26 +519,32 @@ def backward(do, q, k, v, out, lse, pos, docstart, docend, window, scale, dq_mod
     else:
         dq = torch.zeros_like(q) if compact else torch.empty_like(q)
         BMq, BNq, warps_q, stages_q = _config("dq", D)
+        k_arg, v_arg, kv_tma = _kv_args("dq", k, v, BNq)
         _bwd_dq_kernel[(H, triton.cdiv(n_rows, BMq))](
-            q, k, v, out, do, dq, lse, delta, pos_arg, docstart,
+            q, k_arg, v_arg, out, do, dq, lse, delta, pos_arg, docstart,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
             n_rows, HQ, window_arg, qk_scale, scale,
-            G=G, BLOCK_M=BMq, BLOCK_N=BNq, COMPACT=compact, num_warps=warps_q, num_stages=stages_q, **const,
+            G=G, BLOCK_M=BMq, BLOCK_N=BNq, COMPACT=compact, KV_TMA=kv_tma, num_warps=warps_q, num_stages=stages_q,
+            **const,
         )
         dq_arg = delta  # unused pointer
-    # the dK/dV loop reads query rows many times: gather them once into dense compact buffers
-    qc = q.index_select(0, pos) if compact else q
-    doc = do.index_select(0, pos) if compact else do
-    layout = DKDV_LAYOUT[_key(D)] if dq_mode == 0 else "gather"
-    if layout == "rows_tma" and (INTERPRETED or torch.cuda.get_device_capability(q.device)[0] < 9):
+    layout = DKDV_LAYOUT[_key(D)] if dq_mode != 1 else "gather"  # mode 1 adds dQ rows by (token, head)
+    if layout == "rows_tma" and not _has_tma(q):
         layout = "rows"  # TMA needs Hopper or newer
-    lse_arg, delta_arg = lse, delta
-    if layout != "gather":
-        def rows(t):  # [N, HQ, ...] -> [H * N * G, ...]: each KV head's rows contiguous
-            return t.reshape(n, H, G, *t.shape[2:]).transpose(0, 1).reshape(H * n_rows, *t.shape[2:])
+    # the dK/dV loop reads query rows many times: gather them once into dense compact buffers,
+    # [N, HQ, D] ("gather") or in the kernel's row order [H * N * G, D] (one pass each)
+    if layout == "gather":
+        qc = q.index_select(0, pos) if compact else q
+        doc = do.index_select(0, pos) if compact else do
+        lse_arg, delta_arg = lse, delta
+    else:
+        def rows(t, select):  # [T or N, HQ, ...] -> [H * N * G, ...]: each KV head's rows contiguous
+            t = t.unflatten(1, (H, G)).transpose(0, 1)
+            t = t.index_select(1, pos) if select and compact else t.contiguous()
+            return t.view(H * n_rows, *t.shape[3:])
 
-        qc, doc, lse_arg, delta_arg = rows(qc), rows(doc), rows(lse), rows(delta)
+        qc, doc, lse_arg, delta_arg = rows(q, True), rows(do, True), rows(lse, False), rows(delta, False)
         if layout == "rows_tma":
             qc, doc = _tma_descriptor(qc, BM), _tma_descriptor(doc, BM)
     rows_mode = ("gather", "rows", "rows_tma").index(layout)

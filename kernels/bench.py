@@ -209,26 +209,27 @@ def format_table(rows):
 
 TUNE_SPACE = {
     128: {
-        "fwd": [(128, 128, 8, 3), (128, 64, 8, 4)],
-        "dq": [(128, 64, 8, 3), (64, 64, 4, 2)],
+        "fwd": [(128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 8, 3)],
+        "dq": [(128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2)],
         "dkdv": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)],
         "dkdv_atomic": [(64, 128, 8, 2), (64, 64, 8, 2)],
-        "dkdv_tma": [(64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2)],
+        "dkdv_tma": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2)],
     },
     64: {
-        "fwd": [(64, 64, 4, 3), (64, 64, 4, 4)],
-        "dq": [(128, 64, 4, 3), (64, 64, 4, 3)],
+        "fwd": [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3)],
+        "dq": [(128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
         "dkdv": [(64, 64, 4, 3), (64, 128, 8, 3)],
         "dkdv_atomic": [(64, 64, 4, 2)],
         "dkdv_tma": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2)],
     },
 }
 BACKWARD_KINDS = ("dkdv", "dkdv_atomic", "dkdv_tma")  # index = DQ_MODE
-DKDV_LAYOUTS = ("gather", "rows", "rows_tma")  # _triton_attn.DKDV_LAYOUT, tuned with DQ_MODE 0
+DKDV_LAYOUTS = ("gather", "rows", "rows_tma")  # _triton_attn.DKDV_LAYOUT (DQ_MODE 0 and 2)
 
 
 def tune(HQ, H, D, T, frac, budget_ms=150.0):
-    """Coordinate search over TUNE_SPACE[D] at one size; installs and returns the winners."""
+    """Coordinate search over TUNE_SPACE[D] (and the KV_TMA / DKDV_LAYOUT switches) at one
+    size: forward, then the dQ kernel, then each backward mode; installs and returns the winners."""
     kern = ops._kernels()
     key = kern._key(D)
     q, k, v = _inputs(T, HQ, H, D, grad=False)
@@ -239,7 +240,7 @@ def tune(HQ, H, D, T, frac, budget_ms=150.0):
     do = torch.randn_like(q)
     results = {}
 
-    def measure(kind, cfg, fn):
+    def measure(kind, cfg, fn, tag=""):
         old = kern.CONFIGS[kind][key]
         kern.CONFIGS[kind][key] = cfg
         try:
@@ -248,51 +249,44 @@ def tune(HQ, H, D, T, frac, budget_ms=150.0):
             print(f"  tune {kind} {cfg}: {type(e).__name__}", file=sys.stderr)
             t = float("inf")
         kern.CONFIGS[kind][key] = old
-        results.setdefault(kind, []).append((cfg, t))
-        print(f"  tune D={D} {kind} {cfg}: {t:.3f} ms", file=sys.stderr)
+        results.setdefault(kind + tag, []).append((cfg, t))
+        print(f"  tune D={D} {kind}{tag} {cfg}: {t:.3f} ms", file=sys.stderr)
         return t
 
-    def best(kind):
-        cfg, t = min(results[kind], key=lambda x: x[1])
-        kern.CONFIGS[kind][key] = cfg
-        return t
+    def search(kind, fn, switch, options):
+        """Best (time, cfg, option) over the configs of `kind` x the options of one switch."""
+        found = (float("inf"), kern.CONFIGS[kind][key], options[0])
+        for opt in options:
+            switch(opt)
+            for cfg in TUNE_SPACE[key][kind]:
+                t = measure(kind, cfg, fn, f" {opt}")
+                found = min(found, (t, cfg, opt), key=lambda x: x[0])
+        kern.CONFIGS[kind][key] = found[1]
+        switch(found[2])
+        return found
 
-    space = TUNE_SPACE[key]
-    for cfg in space["fwd"]:
-        measure("fwd", cfg, lambda: kern.forward(q, k, v, pos, docstart, None, scale))
-    best("fwd")
+    def kv_tma(kind):
+        return lambda on: kern.KV_TMA[kind].__setitem__(key, on)
+
+    search("fwd", lambda: kern.forward(q, k, v, pos, docstart, None, scale), kv_tma("fwd"), (True, False))
     out, lse = kern.forward(q, k, v, pos, docstart, None, scale)
 
     def bwd(mode):
         return lambda: kern.backward(do, q, k, v, out, lse, pos, docstart, docend, None, scale, dq_mode=mode)
 
-    for cfg in space["dq"]:
-        measure("dq", cfg, bwd(0))
-    best("dq")
-    t_mode = []
-    t_layout = {}
+    search("dq", bwd(0), kv_tma("dq"), (True, False))
+    per_mode = []
     for mode, kind in enumerate(BACKWARD_KINDS):
-        if mode == 0:  # the split backward: also how its dK/dV kernel reads query rows
-            for layout in DKDV_LAYOUTS:
-                kern.DKDV_LAYOUT[key] = layout
-                for cfg in space[kind]:
-                    t = measure(kind, cfg, bwd(mode))
-                    if t < t_layout.get(layout, (float("inf"),))[0]:
-                        t_layout[layout] = (t, cfg)
-            layout = min(t_layout, key=lambda x: t_layout[x][0])
-            kern.DKDV_LAYOUT[key] = layout
-            kern.CONFIGS[kind][key] = t_layout[layout][1]
-            t_mode.append(t_layout[layout][0])
-            continue
-        for cfg in space[kind]:
-            measure(kind, cfg, bwd(mode))
-        t_mode.append(best(kind))
-    kern.DQ_MODE[key] = min(range(3), key=lambda m: t_mode[m])
+        layouts = ("gather",) if mode == 1 else DKDV_LAYOUTS
+        per_mode.append(search(kind, bwd(mode), lambda lay: kern.DKDV_LAYOUT.__setitem__(key, lay), layouts))
+    mode = min(range(3), key=lambda m: per_mode[m][0])
+    kern.DQ_MODE[key] = mode
+    kern.DKDV_LAYOUT[key] = per_mode[mode][2] if mode != 1 else kern.DKDV_LAYOUT[key]
     chosen = {kind: kern.CONFIGS[kind][key] for kind in ("fwd", "dq") + BACKWARD_KINDS}
-    chosen["DQ_MODE"] = kern.DQ_MODE[key]
-    chosen["DKDV_LAYOUT"] = kern.DKDV_LAYOUT[key]
-    print(f"  tuned D={D}: {chosen} (backward by DQ_MODE: " + ", ".join(f"{t:.2f}" for t in t_mode) + " ms)",
-          file=sys.stderr)
+    chosen.update(DQ_MODE=mode, DKDV_LAYOUT=kern.DKDV_LAYOUT[key],
+                  KV_TMA={kind: kern.KV_TMA[kind][key] for kind in ("fwd", "dq")})
+    print(f"  tuned D={D}: {chosen} (backward by DQ_MODE: "
+          + ", ".join(f"{t:.2f} ({lay})" for t, _, lay in per_mode) + " ms)", file=sys.stderr)
     return chosen, results
 
 
@@ -337,6 +331,37 @@ def check(HQ, H, D, T=8192, frac=0.2, window=1024):
     return ok, lines
 
 
+# ----------------------------------------------------------------------------- profile
+
+
+def profile(HQ, H, D, T, frac, reps=3):
+    """Markdown table of GPU time per kernel in one conditional_attention forward + backward
+    (mean over `reps` calls after a warm-up), to see where the time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    q, k, v = _inputs(T, HQ, H, D)
+    route = _route(T, frac)
+    dout = torch.randn_like(q)
+    _, fwdbwd = _fwd_and_fwdbwd(lambda *a: conditional_attention(*a, route), (q, k, v), dout)
+    fwdbwd()
+    _sync()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fwdbwd()
+        _sync()
+    per_kernel = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.device_time / 1e3 / reps
+    total = sum(per_kernel.values())
+    lines = [f"GPU time per kernel, conditional fwd+bwd, {HQ}/{H}/{D}, T={T}, {frac} routed "
+             f"(total {total:.2f} ms)", "", "| kernel | ms | share |", "|---|---|---|"]
+    for name, ms in sorted(per_kernel.items(), key=lambda x: -x[1]):
+        lines.append(f"| {name[:80]} | {ms:.2f} | {ms / total:.1%} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -353,6 +378,8 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true", help="tune launch configs first (at --tune-length)")
     p.add_argument("--tune-length", type=int, default=65536)
     p.add_argument("--check", action="store_true", help="check kernels against the reference first")
+    p.add_argument("--profile", action="store_true", help="also print the GPU time per kernel of one "
+                   "conditional fwd+bwd at the first shape and the last length, 20%% routed")
     p.add_argument("--json", default=None, help="write rows (and tuning results) to this file")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -393,8 +420,12 @@ def main(argv=None):
             json.dump(record, f, indent=1, default=str)
     kern = ops._kernels()
     print(header)
-    print(f"configs: {kern.CONFIGS} DQ_MODE={kern.DQ_MODE} DKDV_LAYOUT={kern.DKDV_LAYOUT}")
+    print(f"configs: {kern.CONFIGS} DQ_MODE={kern.DQ_MODE} DKDV_LAYOUT={kern.DKDV_LAYOUT} KV_TMA={kern.KV_TMA}")
     print(format_table(rows))
+    if a.profile:
+        HQ, H, D = shapes[0]
+        print()
+        print(profile(HQ, H, D, lengths[-1], 0.2))
 
 
 if __name__ == "__main__":

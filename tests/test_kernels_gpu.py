@@ -54,15 +54,21 @@ def _compare(kernel_fn, idx, cu, window, q, k, v, do):
 SHAPES = [(28, 4, 128), (14, 2, 64)]
 
 
-# backward variants: (DQ_MODE, DKDV_LAYOUT)
-VARIANTS = [(0, "gather"), (0, "rows"), (0, "rows_tma"), (1, "gather"), (2, "gather")]
+# kernel variants: (DQ_MODE, DKDV_LAYOUT, KV_TMA)
+VARIANTS = [(0, "gather", False), (0, "rows", True), (0, "rows_tma", True), (0, "rows_tma", False),
+            (1, "gather", True), (2, "gather", True), (2, "rows_tma", True)]
 
 
-@pytest.mark.parametrize("dq_mode, layout", VARIANTS)
-@pytest.mark.parametrize("HQ,H,D", SHAPES)
-def test_conditional_bf16(compiled, monkeypatch, HQ, H, D, dq_mode, layout):
+def _set_variant(compiled, monkeypatch, dq_mode, layout, kv_tma=True):
     monkeypatch.setattr(compiled, "DQ_MODE", {64: dq_mode, 128: dq_mode})
     monkeypatch.setattr(compiled, "DKDV_LAYOUT", {64: layout, 128: layout})
+    monkeypatch.setattr(compiled, "KV_TMA", {kind: {64: kv_tma, 128: kv_tma} for kind in ("fwd", "dq")})
+
+
+@pytest.mark.parametrize("dq_mode, layout, kv_tma", VARIANTS)
+@pytest.mark.parametrize("HQ,H,D", SHAPES)
+def test_conditional_bf16(compiled, monkeypatch, HQ, H, D, dq_mode, layout, kv_tma):
+    _set_variant(compiled, monkeypatch, dq_mode, layout, kv_tma)
     T = 8191
     q, k, v, do = _inputs(T, HQ, H, D, seed=D)
     route = torch.rand(T, device="cuda") < 0.2
@@ -72,11 +78,10 @@ def test_conditional_bf16(compiled, monkeypatch, HQ, H, D, dq_mode, layout):
     assert (out[~route] == 0).all() and (dq[~route] == 0).all()
 
 
-@pytest.mark.parametrize("dq_mode, layout", [(0, "gather"), (0, "rows_tma"), (2, "gather")])
+@pytest.mark.parametrize("dq_mode, layout, kv_tma", [(0, "gather", False), (0, "rows_tma", True), (2, "rows_tma", True)])
 @pytest.mark.parametrize("HQ,H,D", SHAPES)
-def test_sliding_window_bf16(compiled, monkeypatch, HQ, H, D, dq_mode, layout):
-    monkeypatch.setattr(compiled, "DQ_MODE", {64: dq_mode, 128: dq_mode})
-    monkeypatch.setattr(compiled, "DKDV_LAYOUT", {64: layout, 128: layout})
+def test_sliding_window_bf16(compiled, monkeypatch, HQ, H, D, dq_mode, layout, kv_tma):
+    _set_variant(compiled, monkeypatch, dq_mode, layout, kv_tma)
     T, W = 8192, 1000
     q, k, v, do = _inputs(T, HQ, H, D, seed=D + 1)
     cu = torch.tensor([0, 2500, T], dtype=torch.int32, device="cuda")
@@ -105,3 +110,22 @@ def test_fp16_long_odd_length():
     route = torch.rand(T, device="cuda") < 0.1
     _compare(lambda *a: l2a_kernels.conditional_attention(*a, route), torch.nonzero(route).squeeze(1), None, None,
              q, k, v, do)
+
+
+@pytest.mark.parametrize("layout", ["fused_qkv", "padded_heads"])
+def test_strided_kv_same_as_contiguous(layout):
+    """K/V views TMA can describe (rows of a fused qkv projection) and ones it cannot (padded
+    heads: pointer loads) give the results of contiguous inputs."""
+    T, HQ, H, D = 3001, 28, 4, 128
+    q, k, v, do = _inputs(T, HQ, H, D, seed=11)
+    if layout == "fused_qkv":
+        qkv = torch.cat([q, k, v], dim=1)
+        qs, ks, vs = qkv[:, :HQ], qkv[:, HQ:HQ + H], qkv[:, HQ + H:]
+    else:
+        qs = q
+        ks, vs = (torch.cat([t, t], dim=2)[..., :D] for t in (k, v))
+    route = torch.rand(T, device="cuda") < 0.3
+    cu = torch.tensor([0, 1000, T], dtype=torch.int32, device="cuda")
+    f = lambda *a: l2a_kernels.conditional_attention(*a, route, cu_seqlens=cu)  # noqa: E731
+    for a, b in zip(_run(f, qs, ks, vs, do), _run(f, q, k, v, do)):
+        assert torch.allclose(a.float(), b.float(), atol=2e-3, rtol=0), (a.float() - b.float()).abs().max()
