@@ -287,11 +287,12 @@ def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, d
                 qpos = tl.load(POS + c)
             else:
                 qpos = c
-            qdoc = tl.load(DOCSTART + qpos)
-            vis = row_ok[None, :] & (kpos[:, None] <= qpos[None, :]) & (kpos[:, None] >= qdoc[None, :])
+            # visible keys of a row: [lo, hi]; hi = -1 hides rows past the span (fewer live vectors)
+            lo = tl.load(DOCSTART + qpos)
             if HAS_WINDOW:
-                vis = vis & (kpos[:, None] > qpos[None, :] - window)
-            pT = tl.where(vis, pT, 0.0)
+                lo = tl.maximum(lo, qpos - window + 1)
+            hi = tl.where(row_ok, qpos, -1)
+            pT = tl.where((kpos[:, None] <= hi[None, :]) & (kpos[:, None] >= lo[None, :]), pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
@@ -314,14 +315,17 @@ def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, d
 
 
 @triton.jit
-def _bwd_dkdv_kernel(QC, K, V, DOC, DK, DV, LSE, DELTA, POS, DOCSTART, DOCEND, DQACC,
+def _bwd_dkdv_kernel(QC, K, V, DOC, QCP, DOCP, DK, DV, LSE, DELTA, POS, DOCSTART, DOCEND, DQACC,
                      stride_qct, stride_qch, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dct, stride_dch, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                      n_comp, T, HQ, window, qk_scale, sm_scale,
                      G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-                     DQ_MODE: tl.constexpr, ROWS: tl.constexpr):
-    # grid (H, key blocks): early key blocks are seen by the most rows, so they start first
+                     DQ_MODE: tl.constexpr, ROWS: tl.constexpr, EDGE_M: tl.constexpr):
+    # grid (H, key blocks): early key blocks are seen by the most rows, so they start first.
+    # The masked edge spans (a few rows per key block) run in EDGE_M-row tiles with pointer
+    # loads from QCP/DOCP: their masks need extra registers, and at full size they made the
+    # compiler spill in the whole kernel (BLOCK 64 x 64, D 128 on sm_90).
     kvh = tl.program_id(0)
     pid_n = tl.program_id(1)
     n0 = pid_n * BLOCK_N
@@ -349,12 +353,13 @@ def _bwd_dkdv_kernel(QC, K, V, DOC, DK, DV, LSE, DELTA, POS, DOCSTART, DOCEND, D
     dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, kvh * n_comp * G,
                          stride_qct, stride_qch, stride_dct, stride_dch, mid_s, mid_e, kvh, HQ, qk_scale,
                          window, G, D, BLOCK_M, False, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, ROWS)
-    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, kvh * n_comp * G,
+    EDGE_ROWS: tl.constexpr = 1 if ROWS == 2 else ROWS
+    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QCP, DOCP, LSE, DELTA, POS, DOCSTART, DQACC, kvh * n_comp * G,
                          stride_qct, stride_qch, stride_dct, stride_dch, row_lo, mid_s, kvh, HQ, qk_scale,
-                         window, G, D, BLOCK_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, ROWS)
-    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, kvh * n_comp * G,
+                         window, G, D, EDGE_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, EDGE_ROWS)
+    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QCP, DOCP, LSE, DELTA, POS, DOCSTART, DQACC, kvh * n_comp * G,
                          stride_qct, stride_qch, stride_dct, stride_dch, mid_e, row_hi, kvh, HQ, qk_scale,
-                         window, G, D, BLOCK_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, ROWS)
+                         window, G, D, EDGE_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, EDGE_ROWS)
     dk = dk * sm_scale
     tl.store(DK + kvh * stride_dkh + kpos[:, None] * stride_dkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
@@ -395,7 +400,7 @@ def _delta_kernel(O, DO, DELTA, POS, stride_ot, stride_oh, stride_dot, stride_do
 # both head dims (the atomic traffic of modes 1 and 2 costs more than the recomputation). The
 # interpreter uses small blocks so that the CPU tests cross many block edges.
 CONFIGS = {
-    "fwd": {64: (64, 64, 4, 3), 128: (128, 128, 8, 3)},
+    "fwd": {64: (128, 64, 8, 3), 128: (128, 128, 8, 3)},
     "dq": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
     "dkdv": {64: (64, 64, 4, 3), 128: (64, 64, 4, 2)},
     "dkdv_atomic": {64: (64, 64, 4, 2), 128: (64, 128, 8, 2)},
@@ -412,6 +417,8 @@ DKDV_LAYOUT = {64: "rows_tma", 128: "rows_tma"}
 # Whether the forward and dQ kernels load K/V tiles through TMA, per kernel and head dim
 # (Hopper and newer, compiled only; K/V strides that TMA cannot describe use pointer loads).
 KV_TMA = {"fwd": {64: True, 128: True}, "dq": {64: True, 128: True}}
+# The dK/dV kernel runs its masked edge spans in half-height row tiles (fewer registers).
+EDGE_HALF = True
 INTERPRET_CONFIG = (16, 16, 1, 1)
 
 
@@ -545,17 +552,19 @@ def backward(do, q, k, v, out, lse, pos, docstart, docend, window, scale, dq_mod
             return t.view(H * n_rows, *t.shape[3:])
 
         qc, doc, lse_arg, delta_arg = rows(q, True), rows(do, True), rows(lse, False), rows(delta, False)
-        if layout == "rows_tma":
-            qc, doc = _tma_descriptor(qc, BM), _tma_descriptor(doc, BM)
+    qcp, docp = qc, doc
+    if layout == "rows_tma":
+        qc, doc = _tma_descriptor(qc, BM), _tma_descriptor(doc, BM)
     rows_mode = ("gather", "rows", "rows_tma").index(layout)
     stride_q = (qc.stride(0), qc.stride(1)) if rows_mode == 0 else (0, 0)
     stride_do = (doc.stride(0), doc.stride(1)) if rows_mode == 0 else (0, 0)
     _bwd_dkdv_kernel[(H, triton.cdiv(T, BN))](
-        qc, k, v, doc, dk, dv, lse_arg, delta_arg, pos_arg, docstart, docend, dq_arg,
+        qc, k, v, doc, qcp, docp, dk, dv, lse_arg, delta_arg, pos_arg, docstart, docend, dq_arg,
         *stride_q, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *stride_do, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         n, T, HQ, window_arg, qk_scale, scale,
         G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, DQ_MODE=dq_mode, ROWS=rows_mode,
+        EDGE_M=BM // 2 if EDGE_HALF and dq_mode != 2 and BM >= 16 else BM,
         num_warps=warps, num_stages=stages, **const,
     )
     if dq_mode:

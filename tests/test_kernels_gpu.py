@@ -54,21 +54,23 @@ def _compare(kernel_fn, idx, cu, window, q, k, v, do):
 SHAPES = [(28, 4, 128), (14, 2, 64)]
 
 
-# kernel variants: (DQ_MODE, DKDV_LAYOUT, KV_TMA)
-VARIANTS = [(0, "gather", False), (0, "rows", True), (0, "rows_tma", True), (0, "rows_tma", False),
-            (1, "gather", True), (2, "gather", True), (2, "rows_tma", True)]
+# kernel variants: (DQ_MODE, DKDV_LAYOUT, KV_TMA, EDGE_HALF)
+VARIANTS = [(0, "gather", False, True), (0, "rows", True, True), (0, "rows_tma", True, True),
+            (0, "rows_tma", False, False), (1, "gather", True, True), (2, "gather", True, True),
+            (2, "rows_tma", True, True)]
 
 
-def _set_variant(compiled, monkeypatch, dq_mode, layout, kv_tma=True):
+def _set_variant(compiled, monkeypatch, dq_mode, layout, kv_tma=True, edge_half=True):
     monkeypatch.setattr(compiled, "DQ_MODE", {64: dq_mode, 128: dq_mode})
     monkeypatch.setattr(compiled, "DKDV_LAYOUT", {64: layout, 128: layout})
     monkeypatch.setattr(compiled, "KV_TMA", {kind: {64: kv_tma, 128: kv_tma} for kind in ("fwd", "dq")})
+    monkeypatch.setattr(compiled, "EDGE_HALF", edge_half)
 
 
-@pytest.mark.parametrize("dq_mode, layout, kv_tma", VARIANTS)
+@pytest.mark.parametrize("dq_mode, layout, kv_tma, edge_half", VARIANTS)
 @pytest.mark.parametrize("HQ,H,D", SHAPES)
-def test_conditional_bf16(compiled, monkeypatch, HQ, H, D, dq_mode, layout, kv_tma):
-    _set_variant(compiled, monkeypatch, dq_mode, layout, kv_tma)
+def test_conditional_bf16(compiled, monkeypatch, HQ, H, D, dq_mode, layout, kv_tma, edge_half):
+    _set_variant(compiled, monkeypatch, dq_mode, layout, kv_tma, edge_half)
     T = 8191
     q, k, v, do = _inputs(T, HQ, H, D, seed=D)
     route = torch.rand(T, device="cuda") < 0.2
