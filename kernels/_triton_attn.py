@@ -79,6 +79,16 @@ def _load_kv(K, V, stride_kt, stride_vt, kcol, start_n, end,
 
 
 @triton.jit
+def _visible(kpos, end, qpos, qdoc, window, HAS_WINDOW: tl.constexpr):
+    """[rows, keys] mask of a masked span: the key is in the span (its last block may run into
+    the next span), not after the row, in the row's document and, with a window, within it."""
+    vis = (kpos[None, :] < end) & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= qdoc[:, None])
+    if HAS_WINDOW:
+        vis = vis & (kpos[None, :] > qpos[:, None] - window)
+    return vis
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, qpos, qdoc, K, V, stride_kt, stride_vt, kcol, start, end, qk_scale, window,
                D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
                DOT_PREC: tl.constexpr, KV_TMA: tl.constexpr):
@@ -88,11 +98,7 @@ def _fwd_inner(acc, l_i, m_i, q, qpos, qdoc, K, V, stride_kt, stride_vt, kcol, s
         k, v = _load_kv(K, V, stride_kt, stride_vt, kcol, start_n, end, D, BLOCK_N, MASK, KV_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if MASK:
-            in_span = kpos < end  # the span's last block may run into the next span: exclude it
-            vis = in_span[None, :] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= qdoc[:, None])
-            if HAS_WINDOW:
-                vis = vis & (kpos[None, :] > qpos[:, None] - window)
-            s = tl.where(vis, s, float("-inf"))
+            s = tl.where(_visible(kpos, end, qpos, qdoc, window, HAS_WINDOW), s, float("-inf"))
         # m_i starts finite (-1e30), so a row that has seen only masked keys gets p = 0, not NaN
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -194,11 +200,7 @@ def _dq_inner(dq, q, do, lse, delta, qpos, qdoc, K, V, stride_kt, stride_vt, kco
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASK:
-            in_span = kpos < end
-            vis = in_span[None, :] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= qdoc[:, None])
-            if HAS_WINDOW:
-                vis = vis & (kpos[None, :] > qpos[:, None] - window)
-            p = tl.where(vis, p, 0.0)
+            p = tl.where(_visible(kpos, end, qpos, qdoc, window, HAS_WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
