@@ -326,8 +326,9 @@ def _bwd_dkdv_kernel(QC, K, V, DOC, QCP, DOCP, DK, DV, LSE, DELTA, POS, DOCSTART
                      DQ_MODE: tl.constexpr, ROWS: tl.constexpr, EDGE_M: tl.constexpr):
     # grid (H, key blocks): early key blocks are seen by the most rows, so they start first.
     # The masked edge spans (a few rows per key block) run in EDGE_M-row tiles with pointer
-    # loads from QCP/DOCP: their masks need extra registers, and at full size they made the
-    # compiler spill in the whole kernel (BLOCK 64 x 64, D 128 on sm_90).
+    # loads from QCP/DOCP: their masks need extra registers. At BLOCK 64 x 64, D 128 on sm_90
+    # the kernel spilled 104 bytes with full-height edge tiles, 8 with half-height ones (the
+    # time moved within noise, docs/BENCHMARKS.md).
     kvh = tl.program_id(0)
     pid_n = tl.program_id(1)
     n0 = pid_n * BLOCK_N
