@@ -4,6 +4,7 @@ Public ops (packed "varlen" layout, differentiable):
     conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None, dense_forward=False)
     sliding_window_attention(q, k, v, window, *, cu_seqlens=None, scale=None)
 Ground truth in pure PyTorch: l2a_kernels.reference. Benchmark: python -m l2a_kernels.bench.
+Registers and spills of the launch configs, no GPU needed: python -m l2a_kernels.resources.
 """
 
 from . import reference
