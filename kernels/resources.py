@@ -98,15 +98,27 @@ def resources(fn, config, const, descriptors, arch=90):
     return dict(registers=int(m.group(1)), spill_bytes=int(m.group(2)), shared_bytes=compiled.metadata.shared)
 
 
+def _compiled_kernels():
+    """The kernel module with compiled (not interpreted) kernels, leaving TRITON_INTERPRET as it
+    was: triton itself is imported first, so its library keeps the caller's mode."""
+    import triton.language  # noqa: F401
+
+    from . import ops
+
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        return ops._kernels()
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     p.add_argument("--head-dims", default="64,128")
     a = p.parse_args(argv)
-    os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's
-    from . import ops
-
-    kern = ops._kernels()
+    kern = _compiled_kernels()
     lines = ["| kernel | D | config (BLOCK_M, BLOCK_N, warps, stages) | registers | spilled bytes | shared memory |",
              "|---|---|---|---|---|---|"]
     for D in (int(x) for x in a.head_dims.split(",")):

@@ -17,6 +17,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # any test module imports triton (reloading the kernel module later is not reliable).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton's own library (tl.zeros, ...) takes the mode of triton's first import: make that here,
+# whatever a test later does to the variable.
+import triton.language  # noqa: E402,F401
 
 
 @pytest.fixture

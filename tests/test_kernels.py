@@ -18,8 +18,20 @@ import l2a_kernels
 from l2a_kernels import ops, reference
 
 
+def _triton_imported_interpreted() -> bool:
+    """Triton's own library functions (tl.zeros, ...) are interpreted only if TRITON_INTERPRET
+    was set when triton was first imported; conftest does that on machines without CUDA."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def interpreter():
+    if not _triton_imported_interpreted():
+        pytest.skip("Triton was imported without its interpreter (a CUDA machine): run the CPU kernel tests "
+                    "on their own with `TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py`")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         kern = ops._kernels()
@@ -287,16 +299,3 @@ def test_dense_forward_computes_every_token_and_routes_the_gradient(cu):
     ref = reference.conditional_attention(q, k, v, route, cu_seqlens=cu_t, dense_forward=True)
     assert _rel(ref, truth[0]) < 1e-5
 
-
-def test_resources_report_compiles_kernels_for_hopper_without_a_gpu(monkeypatch, capsys):
-    """python -m l2a_kernels.resources: every kernel's default config compiles for sm_90 here
-    and reports its registers (the dK/dV kernel is the one near the 255 limit)."""
-    from l2a_kernels import resources
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the tool must compile, not interpret
-    resources.main(["--head-dims", "64"])
-    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
-    assert [r[0].strip() for r in rows] == ["forward", "dQ", "dK/dV"]
-    for r in rows:
-        registers, spilled = int(r[3]), int(r[4])
-        assert 0 < registers <= 255 and spilled >= 0
