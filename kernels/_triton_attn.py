@@ -417,11 +417,18 @@ DQ_MODE = {64: 0, 128: 0}
 # backward takes 180 -> 150 ms (28/4/128) and 57 -> 42 ms (14/2/64) from gather to rows_tma;
 # the copies cost two extra passes over the routed rows.
 DKDV_LAYOUT = {64: "rows_tma", 128: "rows_tma"}
+DKDV_LAYOUTS = ("gather", "rows", "rows_tma")  # index = the dK/dV kernel's ROWS argument
 # Whether the forward and dQ kernels load K/V tiles through TMA, per kernel and head dim
 # (Hopper and newer, compiled only; K/V strides that TMA cannot describe use pointer loads).
 KV_TMA = {"fwd": {64: True, 128: True}, "dq": {64: True, 128: True}}
 # The dK/dV kernel runs its masked edge spans in half-height row tiles (fewer registers).
 EDGE_HALF = True
+
+
+def _edge_rows(block_m: int, dq_mode: int) -> int:
+    """EDGE_M of the dK/dV kernel: the row-tile height of its masked edge spans (full height for
+    the TMA dQ reduce, whose descriptor has BLOCK_M rows)."""
+    return block_m // 2 if EDGE_HALF and dq_mode != 2 and block_m >= 16 else block_m
 INTERPRET_CONFIG = (16, 16, 1, 1)
 
 
@@ -558,7 +565,7 @@ def backward(do, q, k, v, out, lse, pos, docstart, docend, window, scale, dq_mod
     qcp, docp = qc, doc
     if layout == "rows_tma":
         qc, doc = _tma_descriptor(qc, BM), _tma_descriptor(doc, BM)
-    rows_mode = ("gather", "rows", "rows_tma").index(layout)
+    rows_mode = DKDV_LAYOUTS.index(layout)
     stride_q = (qc.stride(0), qc.stride(1)) if rows_mode == 0 else (0, 0)
     stride_do = (doc.stride(0), doc.stride(1)) if rows_mode == 0 else (0, 0)
     _bwd_dkdv_kernel[(H, triton.cdiv(T, BN))](
@@ -567,7 +574,7 @@ def backward(do, q, k, v, out, lse, pos, docstart, docend, window, scale, dq_mod
         *stride_do, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         n, T, HQ, window_arg, qk_scale, scale,
         G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, DQ_MODE=dq_mode, ROWS=rows_mode,
-        EDGE_M=BM // 2 if EDGE_HALF and dq_mode != 2 and BM >= 16 else BM,
+        EDGE_M=_edge_rows(BM, dq_mode),
         num_warps=warps, num_stages=stages, **const,
     )
     if dq_mode:

@@ -224,7 +224,6 @@ TUNE_SPACE = {
     },
 }
 BACKWARD_KINDS = ("dkdv", "dkdv_atomic", "dkdv_tma")  # index = DQ_MODE
-DKDV_LAYOUTS = ("gather", "rows", "rows_tma")  # _triton_attn.DKDV_LAYOUT (DQ_MODE 0 and 2)
 
 
 def tune(HQ, H, D, T, frac, budget_ms=150.0):
@@ -277,7 +276,7 @@ def tune(HQ, H, D, T, frac, budget_ms=150.0):
     search("dq", bwd(0), kv_tma("dq"), (True, False))
     per_mode = []
     for mode, kind in enumerate(BACKWARD_KINDS):
-        layouts = ("gather",) if mode == 1 else DKDV_LAYOUTS
+        layouts = ("gather",) if mode == 1 else kern.DKDV_LAYOUTS
         per_mode.append(search(kind, bwd(mode), lambda lay: kern.DKDV_LAYOUT.__setitem__(key, lay), layouts))
     mode = min(range(3), key=lambda m: per_mode[m][0])
     kern.DQ_MODE[key] = mode

@@ -59,10 +59,9 @@ def _kernel_cases(kern, D, G=7):
         desc = {"K": (BN, D), "V": (BN, D)} if tma else {}
         cases.append((name, fn, (BM, BN, warps, stages), dict(common, BLOCK_M=BM, BLOCK_N=BN, KV_TMA=tma), desc))
     BM, BN, warps, stages = kern.CONFIGS["dkdv"][key]
-    rows = ("gather", "rows", "rows_tma").index(kern.DKDV_LAYOUT[key])
+    rows = kern.DKDV_LAYOUTS.index(kern.DKDV_LAYOUT[key])
     desc = {"QC": (BM, D), "DOC": (BM, D)} if rows == 2 else {}
-    edge = BM // 2 if kern.EDGE_HALF and BM >= 16 else BM
-    const = dict(common, BLOCK_M=BM, BLOCK_N=BN, DQ_MODE=0, ROWS=rows, EDGE_M=edge)
+    const = dict(common, BLOCK_M=BM, BLOCK_N=BN, DQ_MODE=0, ROWS=rows, EDGE_M=kern._edge_rows(BM, 0))
     cases.append(("dK/dV", kern._bwd_dkdv_kernel, (BM, BN, warps, stages), const, desc))
     return cases
 
