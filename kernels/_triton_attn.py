@@ -254,7 +254,7 @@ def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, d
                 start, end, kvh, HQ, qk_scale, window,
                 G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
                 COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-                DQ_MODE: tl.constexpr, ROWS: tl.constexpr):
+                DQ_MODE: tl.constexpr, ROWS: tl.constexpr, DP_FIRST: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     for start_m in range(start, end, BLOCK_M):
@@ -276,13 +276,21 @@ def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, d
                 r64 = r.to(tl.int64)
                 q = tl.load(QC + r64[:, None] * D + offs_d[None, :])
                 do = tl.load(DOC + r64[:, None] * D + offs_d[None, :])
+                lse = tl.load(LSE + r)
+                delta = tl.load(DELTA + r)
             else:  # TMA block loads (rows past the span are loaded, then masked out below)
                 q = QC.load([dq_row_base + start_m, 0])
                 do = DOC.load([dq_row_base + start_m, 0])
-            lse = tl.load(LSE + r)
-            delta = tl.load(DELTA + r)
+                # lse and delta packed as [rows, 4] (lse, delta, 0, 0): one bulk copy instead of
+                # a 4-byte load per row and thread (the score layout spreads a row over threads)
+                ld = LSE.load([dq_row_base + start_m, 0])
+                ld_a, ld_b = tl.split(tl.reshape(ld, [BLOCK_M, 2, 2]))
+                lse, _ = tl.split(ld_a)
+                delta, _ = tl.split(ld_b)
         # transposed problem: keys are rows of sT [BLOCK_N, BLOCK_M]
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+        if DP_FIRST:  # dP's products run on the tensor cores while the exponentials are computed
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         pT = tl.math.exp2(sT - lse[None, :])
         if MASK:
             if COMPACT:
@@ -296,7 +304,8 @@ def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, d
             hi = tl.where(row_ok, qpos, -1)
             pT = tl.where((kpos[:, None] <= hi[None, :]) & (kpos[:, None] >= lo[None, :]), pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        if not DP_FIRST:
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
         dk = tl.dot(dsT, q, dk, input_precision=DOT_PREC)
         if DQ_MODE == 1:
@@ -317,13 +326,13 @@ def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, d
 
 
 @triton.jit
-def _bwd_dkdv_kernel(QC, K, V, DOC, QCP, DOCP, DK, DV, LSE, DELTA, POS, DOCSTART, DOCEND, DQACC,
+def _bwd_dkdv_kernel(QC, K, V, DOC, QCP, DOCP, DK, DV, LSE, DELTA, LSEP, DELTAP, POS, DOCSTART, DOCEND, DQACC,
                      stride_qct, stride_qch, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dct, stride_dch, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                      n_comp, T, HQ, window, qk_scale, sm_scale,
                      G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-                     DQ_MODE: tl.constexpr, ROWS: tl.constexpr, EDGE_M: tl.constexpr):
+                     DQ_MODE: tl.constexpr, ROWS: tl.constexpr, EDGE_M: tl.constexpr, DP_FIRST: tl.constexpr):
     # grid (H, key blocks): early key blocks are seen by the most rows, so they start first.
     # The masked edge spans (a few rows per key block) run in EDGE_M-row tiles with pointer
     # loads from QCP/DOCP: their masks need extra registers. At BLOCK 64 x 64, D 128 on sm_90
@@ -355,14 +364,14 @@ def _bwd_dkdv_kernel(QC, K, V, DOC, QCP, DOCP, DK, DV, LSE, DELTA, POS, DOCSTART
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, kvh * n_comp * G,
                          stride_qct, stride_qch, stride_dct, stride_dch, mid_s, mid_e, kvh, HQ, qk_scale,
-                         window, G, D, BLOCK_M, False, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, ROWS)
+                         window, G, D, BLOCK_M, False, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, ROWS, DP_FIRST)
     EDGE_ROWS: tl.constexpr = 1 if ROWS == 2 else ROWS
-    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QCP, DOCP, LSE, DELTA, POS, DOCSTART, DQACC, kvh * n_comp * G,
+    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QCP, DOCP, LSEP, DELTAP, POS, DOCSTART, DQACC, kvh * n_comp * G,
                          stride_qct, stride_qch, stride_dct, stride_dch, row_lo, mid_s, kvh, HQ, qk_scale,
-                         window, G, D, EDGE_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, EDGE_ROWS)
-    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QCP, DOCP, LSE, DELTA, POS, DOCSTART, DQACC, kvh * n_comp * G,
+                         window, G, D, EDGE_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, EDGE_ROWS, False)
+    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QCP, DOCP, LSEP, DELTAP, POS, DOCSTART, DQACC, kvh * n_comp * G,
                          stride_qct, stride_qch, stride_dct, stride_dch, mid_e, row_hi, kvh, HQ, qk_scale,
-                         window, G, D, EDGE_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, EDGE_ROWS)
+                         window, G, D, EDGE_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, EDGE_ROWS, False)
     dk = dk * sm_scale
     tl.store(DK + kvh * stride_dkh + kpos[:, None] * stride_dkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
@@ -415,7 +424,9 @@ DQ_MODE = {64: 0, 128: 0}
 # tile), "rows_tma" the same through TMA block loads (Hopper and newer; "rows" on older GPUs
 # and when interpreted). Measured on an H200 at 128K, 20% routed (docs/BENCHMARKS.md): the whole
 # backward takes 180 -> 150 ms (28/4/128) and 57 -> 42 ms (14/2/64) from gather to rows_tma;
-# the copies cost two extra passes over the routed rows.
+# the copies cost two extra passes over the routed rows. "rows_tma" also loads each tile's lse
+# and delta with one TMA copy (packed [rows, 4]; before, a 4-byte load per row and thread):
+# 149.6 -> 147.0 ms (28/4/128), 42.2 -> 40.3 ms (14/2/64).
 DKDV_LAYOUT = {64: "rows_tma", 128: "rows_tma"}
 DKDV_LAYOUTS = ("gather", "rows", "rows_tma")  # index = the dK/dV kernel's ROWS argument
 # Whether the forward and dQ kernels load K/V tiles through TMA, per kernel and head dim
@@ -423,6 +434,12 @@ DKDV_LAYOUTS = ("gather", "rows", "rows_tma")  # index = the dK/dV kernel's ROWS
 KV_TMA = {"fwd": {64: True, 128: True}, "dq": {64: True, 128: True}}
 # The dK/dV kernel runs its masked edge spans in half-height row tiles (fewer registers).
 EDGE_HALF = True
+# The dK/dV kernel's unmasked loop issues dP = dO V^T right after S, before the exponentials of
+# P, so the tensor cores run it while they are computed (per head dim). With the packed lse/delta
+# TMA loads this cut the whole backward at 128K, 20% routed, on an H200 from 147.0 to 140.9 ms
+# (28/4/128) and 40.3 to 38.1 ms (14/2/64) (docs/BENCHMARKS.md). With the former per-thread
+# loads the reordered loop spilled (64 bytes) and gained nothing.
+DKDV_DP_FIRST = {64: True, 128: True}
 
 
 def _edge_rows(block_m: int, dq_mode: int) -> int:
@@ -562,19 +579,24 @@ def backward(do, q, k, v, out, lse, pos, docstart, docend, window, scale, dq_mod
             return t.view(H * n_rows, *t.shape[3:])
 
         qc, doc, lse_arg, delta_arg = rows(q, True), rows(do, True), rows(lse, False), rows(delta, False)
-    qcp, docp = qc, doc
+    qcp, docp, lsep, deltap = qc, doc, lse_arg, delta_arg  # pointer loads of the masked edge spans
     if layout == "rows_tma":
         qc, doc = _tma_descriptor(qc, BM), _tma_descriptor(doc, BM)
+        # lse and delta side by side, padded to TMA's 16-byte minimum row ([rows, 2] is too narrow;
+        # 1-D descriptors of each compiled but hit an illegal instruction with triton 3.6 on sm_90)
+        packed = torch.zeros((H * n_rows, 4), device=q.device, dtype=torch.float32)
+        packed[:, 0], packed[:, 1] = lse_arg, delta_arg
+        lse_arg = delta_arg = _tma_descriptor(packed, BM)
     rows_mode = DKDV_LAYOUTS.index(layout)
     stride_q = (qc.stride(0), qc.stride(1)) if rows_mode == 0 else (0, 0)
     stride_do = (doc.stride(0), doc.stride(1)) if rows_mode == 0 else (0, 0)
     _bwd_dkdv_kernel[(H, triton.cdiv(T, BN))](
-        qc, k, v, doc, qcp, docp, dk, dv, lse_arg, delta_arg, pos_arg, docstart, docend, dq_arg,
+        qc, k, v, doc, qcp, docp, dk, dv, lse_arg, delta_arg, lsep, deltap, pos_arg, docstart, docend, dq_arg,
         *stride_q, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *stride_do, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         n, T, HQ, window_arg, qk_scale, scale,
         G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, DQ_MODE=dq_mode, ROWS=rows_mode,
-        EDGE_M=_edge_rows(BM, dq_mode),
+        EDGE_M=_edge_rows(BM, dq_mode), DP_FIRST=DKDV_DP_FIRST[_key(D)],
         num_warps=warps, num_stages=stages, **const,
     )
     if dq_mode:

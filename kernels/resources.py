@@ -22,7 +22,8 @@ import tempfile
 # passes it as a TMA descriptor (block shape per config), float or int scalars.
 _POINTERS = {
     "Q": "bf16", "K": "bf16", "V": "bf16", "O": "bf16", "DO": "bf16", "DQ": "bf16", "DK": "bf16", "DV": "bf16",
-    "QC": "bf16", "DOC": "bf16", "QCP": "bf16", "DOCP": "bf16", "LSE": "fp32", "DELTA": "fp32", "DQACC": "fp32",
+    "QC": "bf16", "DOC": "bf16", "QCP": "bf16", "DOCP": "bf16", "LSE": "fp32", "DELTA": "fp32", "LSEP": "fp32",
+    "DELTAP": "fp32", "DQACC": "fp32",
     "POS": "i32", "DOCSTART": "i32", "DOCEND": "i32",
 }
 _FLOATS = {"qk_scale", "sm_scale"}
@@ -35,7 +36,7 @@ def _signature(fn, const, descriptors):
         if name in const:
             sig[name] = "constexpr"
         elif name in descriptors:
-            sig[name] = "tensordesc<bf16[%d, %d]>" % descriptors[name]
+            sig[name] = "tensordesc<%s[%s]>" % (_POINTERS[name], ", ".join(map(str, descriptors[name])))
         elif name in _POINTERS:
             sig[name] = "*" + _POINTERS[name]
         elif name in _FLOATS:
@@ -60,8 +61,9 @@ def _kernel_cases(kern, D, G=7):
         cases.append((name, fn, (BM, BN, warps, stages), dict(common, BLOCK_M=BM, BLOCK_N=BN, KV_TMA=tma), desc))
     BM, BN, warps, stages = kern.CONFIGS["dkdv"][key]
     rows = kern.DKDV_LAYOUTS.index(kern.DKDV_LAYOUT[key])
-    desc = {"QC": (BM, D), "DOC": (BM, D)} if rows == 2 else {}
-    const = dict(common, BLOCK_M=BM, BLOCK_N=BN, DQ_MODE=0, ROWS=rows, EDGE_M=kern._edge_rows(BM, 0))
+    desc = {"QC": (BM, D), "DOC": (BM, D), "LSE": (BM, 4), "DELTA": (BM, 4)} if rows == 2 else {}
+    const = dict(common, BLOCK_M=BM, BLOCK_N=BN, DQ_MODE=0, ROWS=rows, EDGE_M=kern._edge_rows(BM, 0),
+                 DP_FIRST=kern.DKDV_DP_FIRST[key])
     cases.append(("dK/dV", kern._bwd_dkdv_kernel, (BM, BN, warps, stages), const, desc))
     return cases
 
@@ -98,18 +100,19 @@ def resources(fn, config, const, descriptors, arch=90):
 
 
 def _compiled_kernels():
-    """The kernel module with compiled (not interpreted) kernels, leaving TRITON_INTERPRET as it
-    was: triton itself is imported first, so its library keeps the caller's mode."""
-    import triton.language  # noqa: F401
-
+    """The kernel module with compiled (not interpreted) kernels. Triton's library takes its
+    mode at its first import: imported under TRITON_INTERPRET=1 it cannot compile for a GPU
+    target (a cold compile cache fails inside the code generator), so `main` moves to a fresh
+    process in that case and this runs only where triton is (or will be) imported compiled; it
+    drops TRITON_INTERPRET from this process's environment."""
+    os.environ.pop("TRITON_INTERPRET", None)
     from . import ops
 
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        return ops._kernels()
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+    return ops._kernels()
+
+
+def _interpreter_loaded() -> bool:
+    return "triton.language" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def main(argv=None):
@@ -117,6 +120,14 @@ def main(argv=None):
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     p.add_argument("--head-dims", default="64,128")
     a = p.parse_args(argv)
+    if _interpreter_loaded():  # e.g. called from the CPU test session: compile in a clean process
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", "l2a_kernels.resources", "--arch", str(a.arch), "--head-dims", a.head_dims]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        print(done.stdout, end="")
+        return
     kern = _compiled_kernels()
     lines = ["| kernel | D | config (BLOCK_M, BLOCK_N, warps, stages) | registers | spilled bytes | shared memory |",
              "|---|---|---|---|---|---|"]
