@@ -117,18 +117,19 @@ def test_sliding_window_fp16_gqa():
     _compare(lambda *a: l2a_kernels.sliding_window_attention(*a, 20), torch.arange(T), None, 20, q, k, v, do)
 
 
-@pytest.mark.parametrize("dq_mode, layout, edge_half", [(0, "gather", True), (0, "rows", True), (0, "rows", False),
-                                                       (1, "gather", True)])
+@pytest.mark.parametrize("dq_mode, layout, edge_half, dp_first", [
+    (0, "gather", True, True), (0, "rows", True, True), (0, "rows", False, False), (1, "gather", True, False)])
 @pytest.mark.parametrize("case", [0, 1])
-def test_backward_variants(interpreter, monkeypatch, case, dq_mode, layout, edge_half):
+def test_backward_variants(interpreter, monkeypatch, case, dq_mode, layout, edge_half, dp_first):
     """Every backward: DQ_MODE 0 with the dK/dV kernel reading query rows gathered from the
     compact buffers or from copies in its own row order (the default "rows_tma" runs as "rows"
-    here), its masked edges in half or full row tiles, and DQ_MODE 1, dQ added with atomics
-    inside the dK/dV kernel (mode 2, the TMA reduce, runs as mode 1 here). The TMA forms are
-    tested in test_kernels_gpu.py."""
+    here), its masked edges in half or full row tiles, dP issued before or after the
+    exponentials, and DQ_MODE 1, dQ added with atomics inside the dK/dV kernel (mode 2, the TMA
+    reduce, runs as mode 1 here). The TMA forms are tested in test_kernels_gpu.py."""
     monkeypatch.setattr(interpreter, "DQ_MODE", {64: dq_mode, 128: dq_mode})
     monkeypatch.setattr(interpreter, "DKDV_LAYOUT", {64: layout, 128: layout})
     monkeypatch.setattr(interpreter, "EDGE_HALF", edge_half)
+    monkeypatch.setattr(interpreter, "DKDV_DP_FIRST", {64: dp_first, 128: dp_first})
     T, HQ, H, D = 101, 6, 2, 32
     q, k, v, do = _inputs(T, HQ, H, D, torch.float32, seed=12)
     cu = torch.tensor([0, 30, 31, 101], dtype=torch.int32)
