@@ -281,8 +281,9 @@ def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, d
             else:  # TMA block loads (rows past the span are loaded, then masked out below)
                 q = QC.load([dq_row_base + start_m, 0])
                 do = DOC.load([dq_row_base + start_m, 0])
-                # lse and delta packed as [rows, 4] (lse, delta, 0, 0): one bulk copy instead of
-                # a 4-byte load per row and thread (the score layout spreads a row over threads)
+                # LSE is a descriptor over lse and delta packed as [rows, 4] (lse, delta, 0, 0;
+                # DELTA is the same descriptor): one bulk copy instead of a 4-byte load per row
+                # and thread (the score layout spreads a row over threads)
                 ld = LSE.load([dq_row_base + start_m, 0])
                 ld_a, ld_b = tl.split(tl.reshape(ld, [BLOCK_M, 2, 2]))
                 lse, _ = tl.split(ld_a)
