@@ -24,8 +24,11 @@ test: install
 	@$(BIN)/python -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$status
 
-test-gpu: install
-	$(BIN)/python -m pytest -q -m gpu
+# The GPU suite, on a CUDA machine where the project is installed in the Python that has CUDA
+# (`pip install -e .`; the .venv is used when there is one).
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+test-gpu:
+	$(GPU_PYTHON) -m pytest -q -m gpu tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -35,6 +35,15 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 
+# Integer arguments that count routed rows or tokens (n_rows, n_comp, T) change with every
+# call under a learned router, so they are never specialized (do_not_specialize below).
+# Triton by default compiles a separate kernel for an integer argument equal to 1 (folded as a
+# constant) and for one divisible by 16. The constant-1 variant of the dK/dV kernel (exactly
+# one routed token in a layer: a learned router reaches that, fixed-density routing never
+# does) makes the ptxas of triton 3.6 crash with error code -11 on sm_90a, for every head dim;
+# the generic variant compiles and runs. Unspecialized counts also mean one compile per launch
+# config instead of up to three. Strides stay specialized (divisible by 16: vector loads).
+
 
 @triton.jit
 def _lower_bound(ptr, n, value, COMPACT: tl.constexpr):
@@ -151,7 +160,7 @@ def _row_block_rows(POS, DOCSTART, row0, n_rows, kvh,
     return row_ok, c, hq, qpos, qdoc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _fwd_kernel(Q, K, V, O, LSE, POS, DOCSTART,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 n_rows, HQ, window, qk_scale,
@@ -207,7 +216,7 @@ def _dq_inner(dq, q, do, lse, delta, qpos, qdoc, K, V, stride_kt, stride_vt, kco
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, POS, DOCSTART,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh,
@@ -326,7 +335,7 @@ def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, d
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_comp", "T"])
 def _bwd_dkdv_kernel(QC, K, V, DOC, QCP, DOCP, DK, DV, LSE, DELTA, LSEP, DELTAP, POS, DOCSTART, DOCEND, DQACC,
                      stride_qct, stride_qch, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dct, stride_dch, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -383,7 +392,7 @@ def _bwd_dkdv_kernel(QC, K, V, DOC, QCP, DOCP, DK, DV, LSE, DELTA, LSEP, DELTAP,
 # ----------------------------------------------------------------------------- backward: delta
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _delta_kernel(O, DO, DELTA, POS, stride_ot, stride_oh, stride_dot, stride_doh, n_rows, HQ,
                   D: tl.constexpr, BLOCK: tl.constexpr, COMPACT: tl.constexpr):
     """delta[c, h] = rowsum(dO * O) over routed rows (only for the atomic-dQ backward)."""

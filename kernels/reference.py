@@ -1,7 +1,7 @@
 """Pure-PyTorch ground truth for the two attention ops (packed "varlen" layout).
 
-Computes in float32 (or the dtype asked of the private helper, float64 in tests), returns the
-input dtype. Used on CPU by the model and as the ground truth in tests. Memory-aware but simple:
+Computes in float32 (or `compute_dtype`: float64 for ground truth in tests, the input's own
+precision to measure PyTorch's error at that precision), returns the input dtype. Used on CPU by the model and as the ground truth in tests. Memory-aware but simple:
 queries are processed in blocks, each block only looks at the key span its rows can see, and
 the block's scores are recomputed in the backward pass (checkpoint) instead of being kept, so
 a few-thousand-token test never holds [HQ, T, T] scores. GQA is handled by grouping query
@@ -75,7 +75,8 @@ def _attention(q, k, v, query_idx, cu_seqlens, window, scale, dtype=torch.float3
     return out.to(q.dtype)
 
 
-def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None, dense_forward=False):
+def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None, dense_forward=False,
+                          compute_dtype=torch.float32):
     """Routed tokens: causal attention over earlier keys of their document; others: 0.
 
     q [T, HQ, D], k/v [T, H, D] (HQ a multiple of H), route bool [T], cu_seqlens int [docs+1].
@@ -83,13 +84,13 @@ def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None, dense_
     """
     route = route.to(torch.bool)
     if dense_forward:
-        out = _attention(q, k, v, torch.arange(q.shape[0], device=q.device), cu_seqlens, None, scale)
+        out = _attention(q, k, v, torch.arange(q.shape[0], device=q.device), cu_seqlens, None, scale, compute_dtype)
         return torch.where(route[:, None, None], out, out.detach())
     idx = torch.nonzero(route).squeeze(1)
-    return _attention(q, k, v, idx, cu_seqlens, None, scale)
+    return _attention(q, k, v, idx, cu_seqlens, None, scale, compute_dtype)
 
 
-def sliding_window_attention(q, k, v, window, *, cu_seqlens=None, scale=None):
+def sliding_window_attention(q, k, v, window, *, cu_seqlens=None, scale=None, compute_dtype=torch.float32):
     """Causal attention over the last `window` keys (query itself included) of the document."""
     idx = torch.arange(q.shape[0], device=q.device)
-    return _attention(q, k, v, idx, cu_seqlens, int(window), scale)
+    return _attention(q, k, v, idx, cu_seqlens, int(window), scale, compute_dtype)
