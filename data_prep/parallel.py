@@ -8,12 +8,18 @@ tokenizer that already used its thread pool would deadlock or go single-threaded
 
 Either way results come back in the order submitted, so the output never depends on the
 number of workers; at most `window` batches are in flight, so memory does not grow with
-the corpus.
+the corpus. Workers end with the prep, even one killed with SIGKILL (`_exit_with_parent`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Iterator
@@ -23,11 +29,50 @@ import numpy as np
 from .tokenizer import Encoder
 
 IN_FLIGHT = 4  # batches tokenized at once in threads mode (memory: this x batch_chars)
+PARENT_POLL_S = 0.5  # how often a worker without PR_SET_PDEATHSIG checks that the prep is alive
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _encoder: Encoder | None = None
 
 
-def _init(tokenizer_json: str, bos_id, eos_id, add_bos: bool) -> None:
+def _die_with_parent_linux() -> bool:
+    """Ask the kernel to SIGKILL this process when its parent dies; False where unavailable.
+
+    SIGKILL because a worker has nothing to save (its results only go to the dead parent) and
+    it must also stop while inside the Rust tokenizer. The kernel means the parent *thread*:
+    the pool's processes are started by the thread that calls `submit`, which in l2a-prep is
+    the main thread, and the pool is shut down before that thread could end.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL),
+                          ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    """Elsewhere: a daemon thread that ends the worker once it has been re-parented."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker must not outlive the prep. A prep that ends or fails shuts its pool down, but
+    one killed with SIGKILL (or the OOM killer) gets no chance to, and its workers would wait
+    on the pool's queue forever, each holding a tokenizer (a user found 2 x ~190 MB left running).
+    A parent that died before this ran shows as a changed os.getppid()."""
+    if not _die_with_parent_linux():
+        threading.Thread(target=_watch_parent, args=(parent,), name="l2a-prep-parent-watch", daemon=True).start()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _init(tokenizer_json: str, bos_id, eos_id, add_bos: bool, parent: int) -> None:
     global _encoder
+    _exit_with_parent(parent)
     _encoder = Encoder(tokenizer_json, bos_id, eos_id, add_bos, threads=False)
 
 
@@ -45,7 +90,8 @@ class OrderedPipeline:
                 workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init,
-                initargs=(tokenizer_json, encoder.prefix[0] if encoder.prefix else None, encoder.eos_id, bool(encoder.prefix)),
+                initargs=(tokenizer_json, encoder.prefix[0] if encoder.prefix else None, encoder.eos_id,
+                          bool(encoder.prefix), os.getpid()),
             )
             self.fn = _encode
             self.window = 2 * workers

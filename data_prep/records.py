@@ -3,6 +3,8 @@
 Readers never drop a record silently: a bad record becomes a `Skip` with a reason and a
 reference (file and line, or file and row). `BadInputPolicy` turns it into an error naming
 the record when `strict=true`, else counts it; the counts go to the manifest and the console.
+Records the stream never reaches (a filled mixture share, `max_tokens`) are counted too, as
+left unread (`l2a_data_prep.mixture`), so the manifest accounts for every input record.
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ REASONS = (
     "duplicate",           # exact duplicate of an earlier document (dedup=true)
 )
 BAD_INPUT = REASONS[:6]  # what strict=true stops at; the rest are drops by design
+# The setting to look at when a source loses its records to a reason ({source}: the source's name).
+SETTING_TO_CHECK = {
+    "malformed_json": "sources.{source}.path (the files are not JSON Lines)",
+    "missing_text_field": "sources.{source}.text_field",
+    "text_not_string": "sources.{source}.text_field",
+    "empty_document": "sources.{source}.path (the documents are empty)",
+    "invalid_utf8": "sources.{source}.path (the files are not UTF-8 text)",
+    "unreadable_file": "sources.{source}.path (the files cannot be read)",
+    "too_short": "filters.min_doc_tokens",
+    "too_long": "filters.max_doc_tokens",
+    "duplicate": "dedup",
+}
 EXAMPLES_KEPT = 5  # per reason, in the manifest and on the console
 
 

@@ -62,7 +62,7 @@ def expand_paths(spec: dict, name: str, suffixes: tuple[str, ...]) -> list[Path]
 
 def _text_checks(text, ref: str, field: str) -> Record:
     if text is None:
-        return Skip("missing_text_field", ref, f"no '{field}' field")
+        return Skip("missing_text_field", ref, f"'{field}' is null")
     if not isinstance(text, str):
         return Skip("text_not_string", ref, f"'{field}' is a {type(text).__name__}, not a string")
     if not text or text.isspace():  # no strip(): it would copy every document
@@ -87,7 +87,10 @@ def _jsonl_record(raw: bytes, ref: str, field: str) -> Record:
         return Skip("malformed_json", ref, f"invalid JSON ({err.msg} at column {err.colno})")
     if not isinstance(obj, dict):
         return Skip("malformed_json", ref, f"a JSON {type(obj).__name__}, not an object")
-    return _text_checks(obj.get(field), ref, field)
+    if field not in obj:  # the fields it does have point at the right text_field
+        shown = ", ".join(list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
+        return Skip("missing_text_field", ref, f"no '{field}' field (fields: {shown or 'none'})")
+    return _text_checks(obj[field], ref, field)
 
 
 def read_jsonl(spec: dict, name: str) -> Iterator[Record]:

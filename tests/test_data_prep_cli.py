@@ -43,8 +43,8 @@ def test_quickstart_recipe_end_to_end(quick):
 
     tok = AutoTokenizer.from_pretrained(ds.tokenizer_path)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 0, 2)
-    assert not (tmp / "outputs").exists() or all(p.is_dir() for p in (tmp / "outputs").iterdir())
-    assert not (tmp / ".hydra").exists()  # Hydra's files stay under outputs/
+    assert sorted(p.name for p in tmp.iterdir()) == ["qs", "tok"]  # no outputs/<timestamp>/, no .hydra
+    assert result.stdout.strip().splitlines()[-1].startswith("left unread: ")  # max_tokens left some
 
 
 def test_second_run_reuses_everything(quick):
