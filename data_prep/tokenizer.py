@@ -161,6 +161,33 @@ def load(path: str, eos_token: str | None, add_bos: bool | None) -> TokenizerInf
     )
 
 
+def fingerprint(path: str | Path) -> dict:
+    """What makes two tokenizer directories the same tokenizer: a hash of the token -> id map
+    (added tokens included). Unlike `sha256` of the files it survives a re-save
+    (`save_pretrained` rewrites tokenizer_config.json), so a model's tokenizer and the one its
+    data were prepared with can be compared. Special-token settings are left out on purpose: a
+    base and an instruct tokenizer of one family share the map and differ in eos_token, and
+    data tokenized with either means the same to the model."""
+    directory = Path(path)
+    vocab = _read(str(directory), _files_sha256(directory)).backend.get_vocab(with_added_tokens=True)
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
+    return {"vocab_sha256": digest.hexdigest(), "vocab_size": len(vocab)}
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    directory = Path(path)
+    return (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file()
+
+
+def mismatch(data_tokenizer: str | Path, model_tokenizer: str | Path) -> str | None:
+    """None if both directories hold the same tokenizer, else how they differ, in a few words."""
+    a, b = fingerprint(data_tokenizer), fingerprint(model_tokenizer)
+    if a == b:
+        return None
+    return (f"the data's tokenizer has {a['vocab_size']} tokens (vocabulary {a['vocab_sha256'][:12]}), "
+            f"the model's {b['vocab_size']} (vocabulary {b['vocab_sha256'][:12]})")
+
+
 def backend_json(path: str) -> str:
     """The Rust tokenizer serialised, to rebuild it cheaply in worker processes."""
     return _read(path, _files_sha256(Path(path))).backend.to_str()

@@ -12,14 +12,14 @@ export PATH TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATA
 # never NVLink multicast (a program using it can take a shared host's GPUs out of service)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 - <<'PY'
-import importlib, torch
-names = ("torch", "triton", "transformers", "deepspeed", "liger_kernel", "hydra")
+from importlib.metadata import PackageNotFoundError, version
+import torch
 versions = []
-for n in names:
+for n in ("torch", "triton", "transformers", "deepspeed", "liger-kernel", "hydra-core"):
     try:
-        versions.append(f"{n} {importlib.import_module(n).__version__}")
-    except Exception as err:  # noqa: BLE001
-        versions.append(f"{n} missing ({type(err).__name__})")
+        versions.append(f"{n} {version(n)}")
+    except PackageNotFoundError:
+        versions.append(f"{n} missing")
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 print(f"{gpu}; " + ", ".join(versions))
 PY
