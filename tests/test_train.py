@@ -13,13 +13,17 @@ DeepSpeed start-up are paid once) and every run is tiny: 4-layer model, rows of 
 - a checkpoint of 2 processes resumes in 1 process (DeepSpeed universal checkpoint);
 - a new stage starts from another run's weights with fresh step, schedule and data;
 - a NaN/Inf loss skips the update (ZeRO-0 and ZeRO-2), then saves and stops with one line;
-- a 2x2 sweep gives 4 run directories and summary.md; config errors give one line, exit 2.
+- a 2x2 sweep gives 4 run directories and summary.md; config errors give one line, exit 2;
+- user mistakes: data of another tokenizer than the model's, a setting that an L2A checkpoint
+  fixes, a resume with other run-defining settings stop with one line; resume=never keeps the
+  earlier run's files; the padding of the last row is not a target.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,7 +88,7 @@ def _metrics(run_dir) -> list[dict]:
 
 
 def _base(data, root, *extra) -> list[str]:
-    return [f"data.path={data}", "model.path=null", "l2a.window=32", f"trainer.steps={STEPS}",
+    return ["experiment=quickstart", f"data.path={data}", "model.path=null", "l2a.window=32", f"trainer.steps={STEPS}",
             "trainer.warmup_steps=2", f"run_root={root}", *extra]
 
 
@@ -172,7 +176,14 @@ def resumed(work, data, single, parallel):
         # ZeRO-2 optimizer state into ZeRO-3: not convertible, one clear line
         "stage_change": dict(overrides=_base(data, work / "zero3", "deepspeed=zero3", "trainer.micro_batch_size=4",
                                              f"trainer.resume='{source}'")),
+        # the reference's name again with other hyperparameters: stops before any work
+        "changed": dict(overrides=_base(data, work / "ref", "trainer.micro_batch_size=4", "trainer.save_every=3",
+                                        "logger=wandb", "trainer.lr=1e-3", "l2a.temperature=0.2", "trainer.steps=9")),
+        # a copy of a finished run, started over with trainer.resume=never
+        "never": dict(overrides=_base(data, work / "never", "trainer.micro_batch_size=2", "trainer.steps=1",
+                                      "trainer.warmup_steps=0", "trainer.resume=never", "trainer.export_hf=false")),
     }
+    shutil.copytree(work / "accum" / "quickstart", work / "never" / "quickstart")
     results = dict(zip(jobs, _runner(list(jobs.values()), work)))
     return {"after_kill": after_kill, **results}
 
@@ -352,7 +363,8 @@ def _check(data, *overrides, world_size=1):
     from l2a_configs import compose
     from l2a_train.train import check_config
 
-    return check_config(compose("train", [f"data.path={data}", "model.path=null", "l2a.window=32", *overrides]),
+    return check_config(compose("train", ["experiment=quickstart", f"data.path={data}", "model.path=null", "l2a.window=32",
+                                          *overrides]),
                         world_size)
 
 
@@ -411,3 +423,107 @@ def test_gpu_smoke_bf16_kernels_liger(work, data):
     assert metrics[-1]["lm_loss"] < metrics[0]["lm_loss"] and not any(m["skipped"] for m in metrics)
     assert metrics[-1]["mfu"] is None or 0 < metrics[-1]["mfu"] < 1
     assert (work / "gpu" / "quickstart" / "hf" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistakes a user makes in the first hour: each one stops with one line, or keeps what it finds
+
+
+def _convert(out, tokenizer, *extra):
+    from l2a_configs import compose
+    from l2a_train.convert import main as convert_main
+
+    if not out.exists():
+        convert_main.task(compose("convert", ["model=tiny_qwen3", "l2a.window=32", f"tokenizer={tokenizer}",
+                                              f"output={out}", *extra]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(work):
+    from l2a_data_prep.tokenizer import train_builtin
+
+    text = [f"def f{i}(x):\n    return x * {i} + {i * 7}\n" for i in range(400)]
+    return Path(train_builtin(text, 300, str(work / "other-tokenizers")))
+
+
+def test_model_and_data_tokenizers_must_match(work, data, other_tokenizer):
+    """A model with its own tokenizer trained on data of another: one line naming both, unless
+    data.allow_tokenizer_mismatch=true; the export ships the model's tokenizer."""
+    foreign = _convert(work / "foreign-l2a", other_tokenizer)
+    proc = _run([BIN / "l2a-train", "experiment=quickstart", f"data.path={data}", f"model.path={foreign}"], work)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"data.path={data}" in errors[0] and f"model.path={foreign}" in errors[0]
+    assert "data.allow_tokenizer_mismatch=true" in errors[0] and "the data's tokenizer has 4096 tokens" in errors[0]
+    plan = _check(data, f"model.path={foreign}", "data.allow_tokenizer_mismatch=true")
+    assert plan["tokenizer"] == foreign  # the export would copy the model's tokenizer, not the data's
+    own = _convert(work / "own-l2a", data / "tokenizer")  # re-saved by l2a-convert: still the same tokenizer
+    assert _check(data, f"model.path={own}")["tokenizer"] == own
+    assert _check(data)["tokenizer"] == data / "tokenizer"  # built from a config: the data's is the model's
+
+
+def test_setting_fixed_by_an_l2a_checkpoint_is_an_error(work, data):
+    """Sweeping the window of an L2A checkpoint would give identical runs labelled differently."""
+    ckpt = _convert(work / "own-l2a", data / "tokenizer")
+    common = ["experiment=quickstart", f"data.path={data}", f"model.path={ckpt}", f"run_root={work / 'fixed'}"]
+    proc = _run([BIN / "l2a-train", "-m", *common, "l2a.window=48,64"], work)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "l2a.window=48" in errors[0] and "fixed when l2a-convert converted it (window 32)" in errors[0]
+    proc = _run([BIN / "l2a-train", *common, "l2a=swa"], work)
+    assert proc.returncode == 2 and "l2a.mode=swa" in proc.stderr and "(mode l2a)" in proc.stderr
+    # the same window, or nothing set: no error and no warning about the experiment's l2a.window=128
+    plan = _check(data, f"model.path={ckpt}", "l2a.window=128")
+    assert plan["seq_len"] == 128
+
+
+def test_resume_with_other_settings_stops_with_a_diff(resumed):
+    """A second run under the same name with other hyperparameters must not silently continue the first."""
+    result = resumed["changed"]
+    assert result["status"] == "user_error" and "\n" not in result["message"], result
+    message = result["message"]
+    assert "trainer.lr: 0.002 -> 0.001" in message and "l2a.temperature: 0.1 -> 0.2" in message
+    assert "trainer.steps" not in message  # may change on resume
+    assert "trainer.resume_override=true" in message and "trainer.resume=never" in message
+
+
+def test_run_defining_keys():
+    from l2a_train.resume import changed_settings
+
+    saved = {"trainer": {"lr": 1e-3, "steps": 10, "save_every": 5, "betas": [0.9, 0.95]}, "l2a": {"window": 32},
+             "logger": {"wandb": False}, "run_root": "a"}
+    same = {"trainer": {"lr": 1e-3, "steps": 20, "save_every": 2, "betas": [0.9, 0.95]}, "l2a": {"window": 32},
+            "logger": {"wandb": True}, "run_root": "b"}
+    assert changed_settings(saved, same) == []
+    other = {"trainer": {"lr": 1e-3, "steps": 10, "save_every": 5, "betas": [0.9, 0.99]}, "l2a": {"window": 32, "x": 1}}
+    assert changed_settings(saved, other) == ["l2a.x: (unset) -> 1", "trainer.betas: [0.9, 0.95] -> [0.9, 0.99]"]
+
+
+def test_resume_never_keeps_the_earlier_run(work, resumed):
+    """trainer.resume=never starts over and moves every file of the earlier run aside."""
+    run_dir = work / "never" / "quickstart"
+    assert resumed["never"] == {"status": "ok"}
+    [aside] = list(run_dir.glob("replaced-*"))
+    old = _metrics(aside)
+    assert [m["step"] for m in old] == list(range(1, STEPS + 1))  # the earlier run, whole
+    assert (aside / "summary.json").is_file() and (aside / "config.yaml").is_file()
+    assert sorted(p.name for p in (aside / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
+    assert [m["step"] for m in _metrics(run_dir)] == [1]  # the new run
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 1
+
+
+def test_padding_of_the_last_row_is_not_a_target(data):
+    from l2a_train.data import PackedDataset, PackedLoader
+    from l2a_train.loss import next_token_labels
+
+    ds = PackedDataset(data)
+    pad = int(ds.manifest["pad_tokens"])
+    assert pad > 0  # the data set's last row is padded
+    loader = PackedLoader(ds, micro_batch_size=ds.num_rows, rank=0, world_size=1, seed=0, shuffle=False)
+    batch = loader.next_batch()
+    assert int(batch["padding"].sum()) == pad and bool(batch["padding"][-1, -1])
+    labels = next_token_labels(batch["input_ids"], batch["position_ids"], batch["padding"])
+    assert (labels[batch["padding"]] == -100).all()
+    before = int((next_token_labels(batch["input_ids"], batch["position_ids"]) != -100).sum())
+    assert int((labels != -100).sum()) == before - (pad - 1)  # the row's last position never had a target

@@ -2,7 +2,7 @@
 
     ds = PackedDataset(path, seq_len=None)
     loader = PackedLoader(ds, micro_batch_size=B, rank=r, world_size=W, seed=s, shuffle=True)
-    batch = loader.next_batch()      # {"input_ids": Long[B, L], "position_ids": Long[B, L]}
+    batch = loader.next_batch()      # {"input_ids": Long[B, L], "position_ids": Long[B, L], "padding": Bool[B, L]}
     loader.state_dict() / loader.load_state_dict(sd)
 
 The loader walks one global sequence of rows: epoch e is a permutation of all rows seeded by
@@ -12,7 +12,8 @@ rank, so a checkpoint resumes exactly at any world size or micro-batch size; wit
 the ranks' rows are disjoint.
 
 Position ids restart at 0 at every segment start recorded for the row; the model finds
-document boundaries from them.
+document boundaries from them. `padding` marks the filler at the end of the data set's last row
+(its own segment, document -1 in the index): no loss is computed there.
 """
 
 from __future__ import annotations
@@ -67,17 +68,18 @@ class PackedDataset:
             raise UserError(f"{manifest_path}: shards hold {self.num_rows} rows, manifest says {self.manifest['num_rows']}")
         if self.num_rows == 0:
             raise UserError(f"data.path='{path}' holds no rows; prepare it with more input")
-        self._row_ptr, self._doc_starts = [], []
+        self._row_ptr, self._doc_starts, self._seg_doc = [], [], []
         for name, rows in zip(self._names, self._rows):
             try:
                 with np.load(fmt.index_path(self.root, name)) as index:
-                    row_ptr, starts = index["row_ptr"], index["doc_starts"]
+                    row_ptr, starts, seg_doc = index["row_ptr"], index["doc_starts"], index["seg_doc"]
             except (OSError, KeyError, ValueError) as err:
                 raise UserError(f"data.path='{path}': shard {name} index unreadable ({err}); prepare the data again") from err
             if len(row_ptr) != rows + 1:
                 raise UserError(f"data.path='{path}': shard {name} index has {len(row_ptr) - 1} rows, manifest {rows}")
             self._row_ptr.append(row_ptr)
             self._doc_starts.append(starts)
+            self._seg_doc.append(seg_doc)
         self._tokens: list[np.ndarray | None] = [None] * len(self._names)  # opened on first use (after fork)
 
     def __len__(self) -> int:
@@ -101,6 +103,12 @@ class PackedDataset:
             self._tokens[shard] = tokens
         ptr = self._row_ptr[shard]
         return np.asarray(tokens[local]), self._doc_starts[shard][ptr[local] : ptr[local + 1]]
+
+    def padding_start(self, row: int) -> int:
+        """Where the row's padding begins (seq_len: none). Only the data set's last row has any."""
+        shard, local = self._locate(row)
+        last = self._row_ptr[shard][local + 1] - 1
+        return int(self._doc_starts[shard][last]) if self._seg_doc[shard][last] == -1 else self.seq_len
 
 
 def position_ids(doc_starts: np.ndarray, seq_len: int) -> np.ndarray:
@@ -143,12 +151,16 @@ class PackedLoader:
         base = self.rows_consumed + self.rank * B
         ids = np.empty((B, L), dtype=np.int64)
         pos = np.empty((B, L), dtype=np.int64)
+        padding = np.zeros((B, L), dtype=bool)
         for i in range(B):
-            tokens, starts = self.dataset.row(self._global_row(base + i))
+            row = self._global_row(base + i)
+            tokens, starts = self.dataset.row(row)
             ids[i] = tokens
             pos[i] = position_ids(starts, L)
+            padding[i, self.dataset.padding_start(row):] = True
         self.rows_consumed += B * self.world_size
-        return {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(pos)}
+        return {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(pos),
+                "padding": torch.from_numpy(padding)}
 
     def __iter__(self):
         while True:

@@ -23,11 +23,15 @@ IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk (128 MiB in float32)
 
 
-def next_token_labels(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """Targets for packed rows: input_ids shifted left, -100 across document starts and at the end."""
+def next_token_labels(input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Targets for packed rows: input_ids shifted left, -100 across document starts, at the end
+    and on `padding` (bool, the filler of the data set's last row: pad -> pad is not text)."""
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
     labels[:, :-1][position_ids[:, 1:] == 0] = IGNORE_INDEX
+    if padding is not None:
+        labels[padding] = IGNORE_INDEX
     return labels
 
 

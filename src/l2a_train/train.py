@@ -1,9 +1,9 @@
 """`l2a-train`: continued pretraining of an L2A model with DeepSpeed, in one file.
 
-    l2a-train                                            # the quickstart (experiment=quickstart)
+    l2a-train experiment=quickstart                      # the quickstart's tiny run
     l2a-train experiment=qwen3_8b_128k model.path=... data.path=...
     torchrun --nproc_per_node=8 -m l2a_train.train experiment=...
-    l2a-train -m l2a.regularizer.lambda_max=1e-8,1e-7 l2a.window=1024,4096     # a sweep
+    l2a-train -m experiment=... l2a.regularizer.lambda_max=1e-8,1e-7 trainer.lr=2e-5,5e-5   # a sweep
 
 Read top to bottom: `run(cfg)` checks the config, sets up the process group, the data, the
 model and the DeepSpeed engine, restores a checkpoint if there is one, then loops over
@@ -39,9 +39,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import l2a_configs
 from l2a_configs import UserError
+from l2a_data_prep.tokenizer import has_tokenizer
+from l2a_data_prep.tokenizer import mismatch as tokenizer_mismatch
 
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_utils
+from . import resume as resume_lib
 from .loss import linear_cross_entropy, next_token_labels
 from .metrics import FlopsCounter, MetricsLogger, peak_flops, peak_memory_gib, summarize_routing
 from .schedules import LAMBDA_SCHEDULES, LR_SCHEDULES, lambda_at, lr_at
@@ -101,14 +104,78 @@ def _model_facts(cfg) -> dict:
         raise UserError("model.path is null and model.config is empty: give a checkpoint or an architecture")
     is_l2a = str(base.get("model_type", "")).startswith("l2a_")
     types = base.get("l2a_layer_types") if is_l2a else None
-    mode = cfg.l2a.get("mode", "l2a")
+    mode = _checkpoint_mode(base) if is_l2a else cfg.l2a.mode
+    tokenizer_dir = Path(model_cfg.path) if model_cfg.get("path") and has_tokenizer(model_cfg.path) else None
     return {
         "max_positions": model_cfg.get("max_position_embeddings") or base.get("max_position_embeddings"),
         "rope_changed": model_cfg.get("rope_theta") is not None,
         "vocab_size": base.get("vocab_size"),
-        "window": int(base.get("l2a_window", 0)) if is_l2a else int(cfg.l2a.get("window", 0)),
+        "is_l2a": is_l2a,
+        "mode": mode,
+        "window": int(base.get("l2a_window", 0)) if is_l2a else int(cfg.l2a.window),
         "windowed": (any(t != "global" for t in types) if types else False) if is_l2a else mode != "full",
+        "tokenizer_dir": tokenizer_dir,
     }
+
+
+def _checkpoint_mode(config: dict) -> str:
+    """The l2a.mode an L2A checkpoint was converted with, from its layer types and routing."""
+    types = set(config.get("l2a_layer_types") or ["global"])
+    if "l2a" in types:
+        return "random" if config.get("l2a_routing") == "random" else "l2a"
+    return {frozenset({"global"}): "full", frozenset({"swa"}): "swa"}.get(frozenset(types), "static")
+
+
+# l2a settings that l2a-convert fixes in an L2A checkpoint (the others apply at training time)
+FIXED_AT_CONVERSION = ("mode", "layers", "window", "init", "static_every")
+
+
+def command_line_keys() -> set[str]:
+    """Keys (and config groups) set on the command line of this Hydra job, a sweep job's own values
+    included; empty outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().overrides.task
+    except (ImportError, ValueError):
+        return set()
+    return {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+
+
+def check_fixed_settings(cfg, facts: dict) -> None:
+    """An L2A checkpoint carries its structure: setting it again for training would be ignored,
+    so a command line (or a sweep) that sets it differently is an error, not a silent no-op."""
+    if not facts["is_l2a"]:
+        return
+    given = command_line_keys()
+    if "l2a" in given:  # a method group (l2a=swa, ...) sets the mode
+        given.add("l2a.mode")
+    now = {"window": facts["window"], "mode": facts["mode"]}
+    for key in FIXED_AT_CONVERSION:
+        if f"l2a.{key}" not in given or (key in now and cfg.l2a[key] == now[key]):
+            continue
+        fixed = f" ({key} {now[key]})" if key in now else ""
+        raise UserError(
+            f"l2a.{key}={cfg.l2a[key]}: model.path={cfg.model.path} is an L2A checkpoint whose {key} was fixed when "
+            f"l2a-convert converted it{fixed}; convert the base model again with that setting, or train from the base "
+            "model (model.path=<base checkpoint>), which is converted with the l2a settings of the run")
+
+
+def check_tokenizer(cfg, dataset, facts: dict) -> None:
+    """The data must be tokenized with the model's own tokenizer, when the model has one."""
+    if facts["tokenizer_dir"] is None or not has_tokenizer(dataset.tokenizer_path):
+        return
+    what = tokenizer_mismatch(dataset.tokenizer_path, facts["tokenizer_dir"])
+    if what is None:
+        return
+    if cfg.data.allow_tokenizer_mismatch:
+        log.warning("data.allow_tokenizer_mismatch=true: %s was prepared with another tokenizer than %s (%s)",
+                    cfg.data.path, cfg.model.path, what)
+        return
+    raise UserError(
+        f"data.path={cfg.data.path} was prepared with another tokenizer than model.path={cfg.model.path}: {what}; "
+        f"prepare the data with the model's tokenizer (l2a-prep tokenizer.path={facts['tokenizer_dir']}), or set "
+        "data.allow_tokenizer_mismatch=true if the ids really are the model's")
 
 
 def check_config(cfg, world_size: int) -> dict:
@@ -174,6 +241,8 @@ def check_config(cfg, world_size: int) -> dict:
     if facts["max_positions"] and model_max_changed(cfg) and not facts["rope_changed"]:
         log.warning("model.max_position_embeddings changed but model.rope_theta not: positions beyond the "
                     "original context may be poorly modelled")
+    check_fixed_settings(cfg, facts)
+    check_tokenizer(cfg, dataset, facts)
     data_vocab = int(dataset.manifest.get("tokenizer", {}).get("vocab_size") or 0)
     if facts["vocab_size"] and data_vocab > int(facts["vocab_size"]):
         raise UserError(f"data.path={cfg.data.path} was tokenized with {data_vocab} token ids but the model has "
@@ -181,8 +250,23 @@ def check_config(cfg, world_size: int) -> dict:
     if facts["windowed"] and facts["window"] >= seq_len:
         raise UserError(f"l2a.window={facts['window']} is not smaller than the rows' {seq_len} tokens: sliding-window "
                         f"attention would already see everything; choose l2a.window below {seq_len}")
+    # the export ships the model's own tokenizer; a model built from a config has only the data's
+    tokenizer = facts["tokenizer_dir"] or Path(dataset.tokenizer_path)
     return {"dataset": dataset, "seq_len": seq_len, "grad_accum": grad_accum, "zero_stage": stage,
-            "global_rows": micro * grad_accum * world_size}
+            "global_rows": micro * grad_accum * world_size, "tokenizer": tokenizer}
+
+
+def experiment_applied() -> str:
+    """Which recipe this run's settings come from, to say so on start."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        name = HydraConfig.get().runtime.choices.get("experiment")
+    except (ImportError, ValueError):
+        return "settings as composed"
+    if name in (None, "null"):
+        return "no experiment: the defaults of configs/train.yaml and its groups"
+    return f"experiment={name}: configs/experiment/{name}.yaml"
 
 
 def model_max_changed(cfg) -> bool:
@@ -256,17 +340,20 @@ def run(cfg: DictConfig) -> dict:
     checkpointer = ckpt_lib.Checkpointer(run_dir, t.keep_last, env)
 
     # 2. what to resume from --------------------------------------------------------------
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     if t.resume == "auto":
         resume_path = checkpointer.latest()
     elif t.resume == "never":
         resume_path = None
-        if env.is_main and checkpointer.latest() is not None:  # keep the old run's checkpoints, out of the way
-            aside = checkpointer.dir.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            checkpointer.dir.rename(aside)
-            log.warning("trainer.resume=never: moved the existing checkpoints to %s", aside)
+        if env.is_main:  # keep the earlier run's files, out of the way
+            aside = resume_lib.set_aside(run_dir)
+            if aside is not None:
+                log.warning("trainer.resume=never: moved the earlier run's files to %s", aside)
         dist_utils.barrier()
     else:
         resume_path = ckpt_lib.resolve_checkpoint(t.resume, "trainer.resume")
+    if resume_path is not None:
+        resume_lib.check_same_run(resume_path, resolved, bool(t.resume_override))
     resume_state = ckpt_lib.read_state(resume_path) if resume_path else None
     init_path = None
     if resume_path is None and t.get("init_from"):  # a new stage: another run's weights (and optimizer)
@@ -342,14 +429,13 @@ def run(cfg: DictConfig) -> dict:
         log.info("initialised from %s (%s); step, schedule and data start fresh", init_path,
                  "weights and optimizer" if t.init_optimizer else "weights")
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     if env.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-        log.info("run %s: %d processes, %d rows x %d tokens per step (micro %d x accum %d x world %d), "
-                 "%.1fM trainable parameters, ZeRO-%d, %s", run_dir, env.world_size, plan["global_rows"],
-                 plan["seq_len"], t.micro_batch_size, grad_accum, env.world_size, n_trainable / 1e6,
-                 zero_stage, t.precision)
+        log.info("run %s (%s): %d processes, %d rows x %d tokens per step (micro %d x accum %d x world %d), "
+                 "%.1fM trainable parameters, ZeRO-%d, %s", run_dir, experiment_applied(), env.world_size,
+                 plan["global_rows"], plan["seq_len"], t.micro_batch_size, grad_accum, env.world_size,
+                 n_trainable / 1e6, zero_stage, t.precision)
     metrics = MetricsLogger(run_dir, enabled=env.is_main, total_steps=total_steps, start_step=step,
                             run_name=str(cfg.name), config=resolved, logger_cfg=cfg.logger, wandb_id=wandb_id)
     wandb_id = metrics.wandb_id
@@ -385,7 +471,7 @@ def run(cfg: DictConfig) -> dict:
             counts = torch.zeros(4, dtype=torch.float64)  # target tokens, tokens, document-prefix keys, window keys
             for _ in range(grad_accum):
                 batch = loader.next_batch()
-                batch["labels"] = next_token_labels(batch["input_ids"], batch["position_ids"])
+                batch["labels"] = next_token_labels(batch["input_ids"], batch["position_ids"], batch.pop("padding"))
                 counts[0] += (batch["labels"] != -100).sum()
                 counts[1:] += flops.key_counts(batch["position_ids"])
                 batches.append({k: v.to(env.device, non_blocking=True) for k, v in batch.items()})
@@ -482,7 +568,7 @@ def run(cfg: DictConfig) -> dict:
             last_saved = save(step)
             resumed_complete = resume_state is not None and int(resume_state["step"]) >= total_steps
             if t.export_hf and not (resumed_complete and (run_dir / "hf" / "config.json").is_file()):
-                ckpt_lib.export_hf(engine, hf_model, run_dir / "hf", env, tokenizer_path=Path(dataset.tokenizer_path))
+                ckpt_lib.export_hf(engine, hf_model, run_dir / "hf", env, tokenizer_path=plan["tokenizer"])
     finally:
         if status == "running":
             status = "failed"
