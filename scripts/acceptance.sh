@@ -125,8 +125,9 @@ train_until_sigterm() {
     sleep 0.5
   done
   wait $pid; local rc=$?
-  [ $rc -eq 143 ] || { echo "error: l2a-train exited $rc, expected 143 (stopped by SIGTERM with a checkpoint)"; return 1; }
-  ls -d "$run_dir"/checkpoints/step_* >/dev/null || { echo "error: no checkpoint after SIGTERM"; return 1; }
+  # (no "error:" prefix here: a failed l2a-train has printed its own error line, which the table shows)
+  [ $rc -eq 143 ] || { echo "l2a-train exited $rc, expected 143 (stopped by SIGTERM with a checkpoint)"; return 1; }
+  ls -d "$run_dir"/checkpoints/step_* >/dev/null || { echo "no checkpoint after SIGTERM"; return 1; }
 }
 stopped_step() { $py -c "import json; print([json.loads(l) for l in open('$run_dir/metrics.jsonl') if l.startswith('{')][-1]['step'])"; }
 

@@ -1,0 +1,67 @@
+"""scripts/acceptance.sh --tiny: the real commands end to end on CPU, as a user runs them.
+
+prep -> convert -> train with the learned router (stopped by SIGTERM halfway, then resumed) ->
+Hugging Face export -> eval -> prune -> generate, one Markdown table row per stage. The same
+script with a Qwen2.5-1.5B-shaped model and 32K rows is the GPU acceptance run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+STAGES = ["prep", "convert", "train (to SIGTERM)", "train (resumed)", "export (hf)", "eval", "prune", "generate"]
+
+
+def _acceptance(tmp_path, **env):
+    environment = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **env}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "acceptance.sh"), "--tiny", "--dir", str(tmp_path)],
+                          cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def _rows(stdout: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in STAGES:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_acceptance_tiny_every_stage_ok(tmp_path):
+    proc = _acceptance(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = _rows(proc.stdout)
+    assert list(rows) == STAGES and all(r[0] == "ok" for r in rows.values()), proc.stdout
+    first = re.search(r"routed fraction ([\d.]+) -> ([\d.]+)", rows["train (to SIGTERM)"][2])
+    assert first and float(first.group(1)) == 1.0 and float(first.group(2)) < 0.9  # the router learned to skip
+    assert re.search(r"resumed at step (\d+)", rows["train (resumed)"][2])
+    assert "KV cache" in rows["prune"][2] and "tokens/s" in rows["generate"][2]
+    assert (tmp_path / "acceptance.md").read_text().count("| ok |") == len(STAGES)
+
+
+def test_acceptance_failed_stage_exits_nonzero_and_stops(tmp_path):
+    """Training that stops with an error (every loss NaN) fails its stage; later stages are not run."""
+    proc = _acceptance(tmp_path, L2A_FAULT="nan_at:" + ",".join(str(s) for s in range(1, 61)))
+    assert proc.returncode == 1, proc.stdout
+    rows = _rows(proc.stdout)
+    assert rows["prep"][0] == "ok" and rows["convert"][0] == "ok"
+    status = rows["train (to SIGTERM)"][0]
+    assert status.startswith("exit 1:") and "non-finite" in status, status
+    assert all(rows[s][0] == "not run" for s in STAGES[3:])
+
+
+@pytest.mark.parametrize("prompt, expected", [("prompt=@/no/such/file", "prompt=@/no/such/file: no such file"),
+                                              ("prompt=''", "prompt is empty")])
+def test_generate_bad_prompt_one_line(tmp_path, prompt, expected):
+    proc = subprocess.run([str(BIN / "l2a-generate"), f"model.path={tmp_path}", prompt], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
