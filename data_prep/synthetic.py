@@ -91,7 +91,9 @@ def _key(rng: random.Random, key_type: str) -> str:
     raise ValueError(f"key_type must be one of {sorted(KINDS)}, got '{key_type}'")
 
 
-def _haystack(rng: random.Random, haystack: str) -> Callable[[], str]:
+def haystack_sentences(rng: random.Random, haystack: str) -> Callable[[], str]:
+    """The filler-sentence source of a haystack kind; public so that evaluation can measure how
+    many tokens one filler sentence takes (the step by which `generate` grows a haystack)."""
     if haystack == "noise":
         return lambda: NOISE
     if haystack == "words":  # random word sentences: harder to skip than a fixed line
@@ -138,7 +140,7 @@ def generate(
     question = QUESTION.format(kind=kind, keys=", ".join(queried))
     needle_texts = [NEEDLE.format(kind=kind, key=k, value=v) for k, v in needles]
     budget = length - count(intro) - count(question) - sum(count(t) for t in needle_texts) - 8 * num_queries
-    sentence = _haystack(rng, haystack)
+    sentence = haystack_sentences(rng, haystack)
     filler: list[str] = []
     used = 0
     while used < budget:

@@ -194,6 +194,8 @@ def test_build_model_from_l2a_checkpoint_applies_runtime_settings(tmp_path):
         (["l2a.threshold=0"], "l2a.threshold"),
         (["l2a.layers=[0,7]"], "out of range"),
         (["l2a.layers=every:0"], "every:k"),
+        (["l2a.layers=[]"], r"l2a.layers=\[\] selects none of the model's 4 layers"),
+        (["l2a.window=4096"], "l2a.window=4096 is not smaller than the model's 4096 positions"),
         (["l2a.mode=bogus"], "l2a.mode"),
         (["l2a.init=bogus"], "l2a.init"),
     ],

@@ -92,6 +92,9 @@ def test_choose_rules():
         (["threshold=-0.1"], "l2a", r"must be in \[0, 1\]"),
         (["threshold=abc"], "l2a", "give a routed fraction"),
         (["k=-1"], "l2a", "k=-1"),
+        (["k=0"], "l2a", r"k=0 prunes no layer: give the number of sparsest L2A layers to prune \(k >= 1\)"),
+        (["threshold=0"], "l2a", r"threshold=0 prunes no layer .* give a threshold in \(0, 1\], e.g. threshold=0.05"),
+        (["threshold=0.0"], "l2a", "threshold=0 prunes no layer"),
         (["k=9"], "l2a", "only 4 L2A layers"),
         (["eval.retrieval.lengths=[8192]"], "l2a", "exceeds the model's 4096 positions"),
         (["model.max_position_embeddings=128"], "l2a", "exceeds the model's 128 positions"),
@@ -114,3 +117,20 @@ def test_a_model_without_l2a_layers_and_an_existing_output_are_refused(ws, tmp_p
     with pytest.raises(UserError, match="already exists"):
         run_prune(ws, tmp_path / "exists")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "swa"]
+
+
+def test_a_threshold_under_every_layer_is_refused_instead_of_writing_an_unpruned_copy(ws, tmp_path):
+    """A freshly converted model routes every token (router at zero: p = 0.5 >= 0.5): no routed
+    fraction is below 1.0, so threshold=1.0 would prune nothing."""
+    from transformers import AutoTokenizer
+
+    from l2a_train.model import build_base, convert_model
+
+    cfg = compose("convert", ["model=tiny_qwen3", "output=unused", "l2a.window=64"])
+    convert_model(build_base(cfg.model), cfg.l2a, cfg.model).save_pretrained(tmp_path / "fresh")
+    AutoTokenizer.from_pretrained(ws["tokenizer"]).save_pretrained(tmp_path / "fresh")
+    with pytest.raises(UserError, match=r"threshold=1.0: no L2A layer routes fewer than that fraction .* routes 1.0000\), "
+                                        r"so nothing would be pruned; raise threshold above 1.0000 or set k="):
+        prune(compose("prune", [f"model.path={tmp_path / 'fresh'}", f"calibration.path={ws['data']}", "threshold=1.0",
+                                f"output={tmp_path / 'out'}", *SUITE]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh"]

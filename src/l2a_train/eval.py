@@ -41,11 +41,13 @@ def evaluate(cfg) -> dict:
     if output.exists() and not cfg.overwrite:  # fail before any heavy work
         raise UserError(f"output={output} already exists; choose another directory or pass overwrite=true")
     device = loading.resolve_device(cfg.get("device"))
-    check_suite(cfg.eval, loading.configured_positions(cfg.model), bool(cfg.data.path))
+    positions = loading.configured_positions(cfg.model)
+    loading.check_data_tokenizer(cfg.model.path, {"data.path": cfg.data.path}, bool(cfg.data.allow_tokenizer_mismatch))
+    tokenizer = loading.load_tokenizer(cfg.tokenizer, cfg.model.path, cfg.data.path, required=bool(cfg.eval.retrieval.enabled))
+    check_suite(cfg.eval, positions, bool(cfg.data.path), tokenizer)
     model, source = loading.load_model(cfg.model, cfg.get("backend"), device)
     max_pos = loading.max_positions(model)
     dataset = open_data(cfg.data.path, model, max_pos) if cfg.data.path and cfg.eval.perplexity.enabled else None
-    tokenizer = loading.load_tokenizer(cfg.tokenizer, cfg.model.path, cfg.data.path, required=bool(cfg.eval.retrieval.enabled))
     if tokenizer is not None:
         loading.check_tokenizer(tokenizer, model)
 

@@ -12,8 +12,10 @@
    (KV-cache bytes at `kv_length` before and after, the eval change) through a temporary
    directory renamed at the end: a failure at any step leaves nothing behind.
 
-Bad input (a checkpoint that is not L2A, a threshold outside [0, 1], an eval length beyond the
-model's positions, an existing output) is one line and exit status 2, before any heavy work.
+Bad input (a checkpoint that is not L2A, a threshold outside (0, 1] or k=0, an eval length beyond
+the model's positions or too short for a task, calibration or held-out data of another tokenizer,
+an existing output) is one line and exit status 2, before any heavy work. A rule that matches no
+layer after calibration is refused too, rather than writing an unpruned copy.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
 
@@ -49,10 +50,25 @@ def check_settings(cfg) -> tuple[float, int | None]:
     k = cfg.get("k")
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise UserError(f"k={k!r}: give the number of L2A layers to prune (an integer >= 0), or k=null")
+            raise UserError(f"k={k!r}: give the number of L2A layers to prune (an integer >= 1), or k=null")
+        if k == 0:  # the output would be an unpruned copy, reported as a pruned checkpoint
+            raise UserError("k=0 prunes no layer: give the number of sparsest L2A layers to prune (k >= 1), "
+                            "or k=null to prune the layers under `threshold`")
+    elif threshold == 0.0:  # a routed fraction is never below 0
+        raise UserError("threshold=0 prunes no layer (no routed fraction is below 0): give a threshold in (0, 1], "
+                        "e.g. threshold=0.05, or k=<number of layers> to prune the k sparsest")
     if int(cfg.kv_length) < 1:
         raise UserError(f"kv_length={cfg.kv_length}: must be a positive number of tokens")
     return threshold, k
+
+
+def check_layers(path: Path, k: int | None) -> None:
+    """L2A layers left to prune, and at least k of them: from config.json, before the model loads."""
+    types = list(json.loads((path / "config.json").read_text()).get("l2a_layer_types") or [])
+    if "l2a" not in types:
+        raise UserError(f"model.path={path} has no L2A layers left to prune (layer types {types})")
+    if k is not None and k > types.count("l2a"):
+        raise UserError(f"k={k}: the model has only {types.count('l2a')} L2A layers")
 
 
 @torch.no_grad()
@@ -75,16 +91,22 @@ def calibrate(model, tokenizer, cfg, device) -> tuple[list[float], str]:
     suite = cfg.eval.retrieval
     count = retrieval.token_counter(tokenizer)
     prompts = 0
-    for name, spec in retrieval.tasks_of(suite).items():
-        for length in suite.lengths:
-            rng = random.Random(f"calibration:{suite.seed}:{name}:{length}")
-            prompt = retrieval.make_prompt(rng, spec, int(length) - int(suite.max_new_tokens), 0.5, count)
-            ids = tokenizer(prompt.text)["input_ids"]
-            out = model.model(input_ids=torch.tensor([ids], device=device))
-            total += out.routed_fraction.double().cpu() * len(ids)
-            tokens += len(ids)
-            prompts += 1
+    for name, spec, length, depth, seed in calibration_cells(suite):
+        prompt = retrieval.fitted_prompt(seed, spec, length - int(suite.max_new_tokens), depth, tokenizer, count)
+        ids = tokenizer(prompt.text)["input_ids"]
+        out = model.model(input_ids=torch.tensor([ids], device=device))
+        total += out.routed_fraction.double().cpu() * len(ids)
+        tokens += len(ids)
+        prompts += 1
     return (total / tokens).tolist(), f"{prompts} synthetic retrieval prompts ({tokens} tokens; calibration.path=null)"
+
+
+def calibration_cells(suite):
+    """The calibration prompts without calibration.path: one per task and length, needles at
+    mid depth, seeded apart from the eval suite's prompts (the eval change is measured on others)."""
+    for name, spec in retrieval.tasks_of(suite).items():
+        for length in [int(x) for x in suite.lengths]:
+            yield name, spec, length, 0.5, f"calibration:{suite.seed}:{name}:{length}"
 
 
 def choose(fractions: list[float], layer_types: list[str], threshold: float, k: int | None) -> tuple[list[dict], list[int], str]:
@@ -165,23 +187,33 @@ def prune(cfg) -> dict:
             f"model.path={cfg.model.path} holds a '{kind}' model, not an L2A checkpoint: only L2A layers can be "
             "pruned (convert it with l2a-convert and train it with l2a-train first)"
         )
+    check_layers(Path(cfg.model.path), k)
     positions = loading.configured_positions(cfg.model)
-    if cfg.eval_change or not cfg.calibration.path:
-        check_suite(cfg.eval, positions, bool(cfg.data.path))
-    device = loading.resolve_device(cfg.get("device"))
-    model, _ = loading.load_model(cfg.model, cfg.get("backend"), device)
-    types_before = list(model.config.l2a_layer_types)
-    if "l2a" not in types_before:
-        raise UserError(f"model.path={cfg.model.path} has no L2A layers left to prune (layer types {types_before})")
+    data = {"calibration.path": cfg.calibration.path, "data.path": cfg.data.path if cfg.eval_change else None}
+    loading.check_data_tokenizer(cfg.model.path, data, bool(cfg.data.allow_tokenizer_mismatch))
     needs_tokenizer = not cfg.calibration.path or (cfg.eval_change and cfg.eval.retrieval.enabled)
     tokenizer = loading.load_tokenizer(cfg.tokenizer, cfg.model.path, cfg.calibration.path or cfg.data.path,
                                        required=needs_tokenizer)
+    if cfg.eval_change or not cfg.calibration.path:
+        check_suite(cfg.eval, positions, bool(cfg.data.path), tokenizer if cfg.eval_change else None)
+    if not cfg.calibration.path:
+        retrieval.check_fit(cfg.eval.retrieval, tokenizer, calibration_cells(cfg.eval.retrieval))
+    device = loading.resolve_device(cfg.get("device"))
+    model, _ = loading.load_model(cfg.model, cfg.get("backend"), device)
+    types_before = list(model.config.l2a_layer_types)
     if tokenizer is not None:
         loading.check_tokenizer(tokenizer, model)
     dataset = open_data(cfg.data.path, model, positions) if cfg.data.path and cfg.eval_change else None
 
     fractions, calibration_data = calibrate(model, tokenizer, cfg, device)
     ranking, chosen, rule = choose(fractions, types_before, threshold, k)
+    if not chosen:  # writing an unpruned copy as "pruned" would hide that the rule matched nothing
+        sparsest = ranking[0]
+        raise UserError(
+            f"threshold={threshold}: no L2A layer routes fewer than that fraction of its tokens on the calibration "
+            f"set (the sparsest, layer {sparsest['layer']}, routes {sparsest['routed_fraction']:.4f}), so nothing "
+            f"would be pruned; raise threshold above {sparsest['routed_fraction']:.4f} or set k=<number of layers>"
+        )
     log.info("routed fractions: %s; pruning %s (%s)", [round(x, 4) for x in fractions], chosen, rule)
     kv_before = kv_report(model.config, int(cfg.kv_length))
     suite_args = (tokenizer, dataset, cfg.eval, device, int(cfg.data.max_rows), False)

@@ -45,11 +45,14 @@ def model_summary(model, path, source: str, kv_length: int) -> dict:
     }
 
 
-def check_suite(suite, max_positions: int, has_data: bool) -> None:
-    """Every setting of the suite, before any model work."""
+def check_suite(suite, max_positions: int, has_data: bool, tokenizer=None) -> None:
+    """Every setting of the suite, before any model work; with the tokenizer, also that every
+    retrieval length holds its task's prompt (that depends on the tokenizer)."""
     if suite.retrieval.enabled:
         retrieval.tasks_of(suite.retrieval)
         retrieval.check_lengths(suite.retrieval, max_positions)
+        if tokenizer is not None:
+            retrieval.check_fit(suite.retrieval, tokenizer, retrieval.prompt_cells(suite.retrieval))
     if suite.perplexity.enabled and has_data:
         perplexity.check_edges(suite.perplexity.buckets)
 

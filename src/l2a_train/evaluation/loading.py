@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from l2a_configs import UserError
+from l2a_data_prep.tokenizer import has_tokenizer
 
 log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -45,6 +46,17 @@ def checkpoint_type(path) -> str:
     return read_model_type(path)
 
 
+def supported_type(path) -> str:
+    """The checkpoint's model_type, refused unless l2a-eval can run it (checked before anything loads)."""
+    kind = checkpoint_type(path)
+    if kind in ("qwen2", "qwen3") or kind.startswith("l2a_"):
+        return kind
+    raise UserError(
+        f"model.path={path} holds a '{kind}' model; l2a-eval evaluates Qwen2/Qwen2.5/Qwen3 base checkpoints "
+        "and L2A checkpoints (l2a_qwen2 / l2a_qwen3)"
+    )
+
+
 def checkpoint_dtype(path: Path, requested) -> str:
     if requested is not None:
         if str(requested) not in DTYPES:
@@ -59,7 +71,7 @@ def load_model(model_cfg, backend: str | None = None, device: torch.device | Non
     """(model in eval mode on `device`, a description of the checkpoint)."""
     from l2a_train.model import build_model
 
-    kind = checkpoint_type(model_cfg.get("path"))
+    kind = supported_type(model_cfg.get("path"))
     path = Path(model_cfg.path)
     node = dict(
         path=str(path),
@@ -72,13 +84,8 @@ def load_model(model_cfg, backend: str | None = None, device: torch.device | Non
         node["family"] = kind
         l2a["mode"] = "full"
         source = f"base {kind} checkpoint, run as full attention"
-    elif kind.startswith("l2a_"):
-        source = "L2A checkpoint"
     else:
-        raise UserError(
-            f"model.path={path} holds a '{kind}' model; l2a-eval evaluates Qwen2/Qwen2.5/Qwen3 base checkpoints "
-            "and L2A checkpoints (l2a_qwen2 / l2a_qwen3)"
-        )
+        source = "L2A checkpoint"
     model = build_model(OmegaConf.create(node), OmegaConf.create(l2a))
     model.eval()
     if device is not None:
@@ -92,15 +99,11 @@ def max_positions(model) -> int:
 
 def configured_positions(model_cfg) -> int:
     """The positions the model will have, from config.json and the override: checks before loading."""
-    checkpoint_type(model_cfg.get("path"))
+    supported_type(model_cfg.get("path"))
     if model_cfg.get("max_position_embeddings") is not None:
         return int(model_cfg.max_position_embeddings)
     config = json.loads((Path(model_cfg.path) / "config.json").read_text())
     return int(config.get("max_position_embeddings") or 0) or 2**31
-
-
-def has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
 def load_tokenizer(tokenizer_path, model_path, data_path=None, required: bool = True):
@@ -121,6 +124,40 @@ def load_tokenizer(tokenizer_path, model_path, data_path=None, required: bool = 
             "needs one; pass tokenizer=<dir> (or eval.retrieval.enabled=false)"
         )
     return None
+
+
+def check_data_tokenizer(model_path, data: dict, allow: bool) -> None:
+    """The packed data of each setting in `data` (setting -> path; None: not used) was tokenized
+    with the model's own tokenizer. Otherwise its token ids mean other strings to the model:
+    perplexity and calibration run and report numbers about nothing. Compared only when the
+    checkpoint has a tokenizer (else the data's is the one used); `allow` (the setting
+    data.allow_tokenizer_mismatch) turns the error into a warning. Cheap: before the model loads."""
+    from l2a_data_prep.tokenizer import mismatch
+
+    from l2a_train.data import PackedDataset
+
+    model_dir = Path(model_path)
+    if not has_tokenizer(model_dir):
+        return
+    for setting, path in data.items():
+        if not path:
+            continue
+        data_dir = Path(PackedDataset(path).tokenizer_path)
+        if not has_tokenizer(data_dir):
+            raise UserError(f"{setting}={path}: its tokenizer directory {data_dir} is missing or empty; "
+                            "prepare the data again with l2a-prep")
+        try:
+            difference = mismatch(data_dir, model_dir)
+        except Exception as err:  # tokenizers raises many types for a broken file; the message is what matters
+            raise UserError(f"cannot compare the tokenizers of {setting}={path} and model.path={model_path} ({err})") from None
+        if difference is None:
+            continue
+        message = f"{setting}={path} was prepared with another tokenizer than model.path={model_path}: {difference}"
+        if allow:
+            log.warning("%s; going on because data.allow_tokenizer_mismatch=true", message)
+            continue
+        raise UserError(f"{message}; prepare it with the model's tokenizer (l2a-prep tokenizer.path={model_path}) "
+                        "or pass data.allow_tokenizer_mismatch=true if the ids are known to agree")
 
 
 def check_tokenizer(tokenizer, model) -> None:

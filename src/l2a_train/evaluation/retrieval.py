@@ -2,7 +2,9 @@
 context lengths and needle depths, scored on the model's greedy continuation.
 
 Samples come from `l2a_data_prep.synthetic.generate` (the generator the training data uses),
-with lengths counted in the evaluated tokenizer's tokens. That generator scatters needles at
+with lengths counted in the evaluated tokenizer's tokens: the haystack is sized by the token
+count of the whole tokenized prompt, searched for (`fitted_prompt`), so every length fits with
+any tokenizer, whatever its characters per token. That generator scatters needles at
 random depths; for the depth x length grid the queried needles are then moved, together, to
 the sentence boundary nearest the requested depth of the haystack (0: right after the
 introduction, 1: right before the question); distractor needles stay where they were drawn.
@@ -117,18 +119,103 @@ def make_prompt(rng: random.Random, spec: dict, length: int, depth: float, count
     return Prompt(text=text, answers=list(sample.answers), regions=regions, depth=(at - len(intro)) / span)
 
 
-def fitted_prompt(seed: str, spec: dict, length: int, depth: float, tokenizer, count) -> Prompt:
-    """`make_prompt` whose tokenized prompt has at most `length` tokens (and close to it): the
-    generator's count is per sentence and may overshoot by a sentence, so shrink the target by
-    the excess and draw the same sample again."""
-    target = length
-    for _ in range(6):
-        prompt = make_prompt(random.Random(seed), spec, target, depth, count)
-        n = len(tokenizer(prompt.text)["input_ids"])
-        if n <= length:
-            return prompt
-        target -= n - length + 1
-    raise UserError(f"could not fit a retrieval prompt into {length} tokens (seed {seed}); use longer lengths")
+FIT_STEPS = 16  # measured prompts per fit at most; 2-4 in practice
+
+
+def prompt_tokens(tokenizer, text: str) -> int:
+    """Tokens of a prompt as the model gets it (`run` feeds `tokenizer(text)`: BOS included if any)."""
+    return len(tokenizer(text)["input_ids"])
+
+
+def sentence_tokens(spec: dict, count) -> int:
+    """Tokens of the longest haystack sentence (of 64 drawn with a fixed seed): the step by which
+    the generator grows a haystack, so the closest a fitted prompt can come to its budget."""
+    sentence = synthetic().haystack_sentences(random.Random(0), spec["haystack"])
+    return max(count(" " + sentence()) for _ in range(64))
+
+
+def no_room(setting: str, lengths: list[int], name: str, spec: dict, length: int, needed: int,
+            max_new_tokens: int) -> UserError:
+    needles = spec["num_keys"] * spec["num_values"]
+    return UserError(
+        f"{setting}.lengths={lengths}: {length} tokens cannot hold a {name} prompt with this tokenizer: its "
+        f"introduction, {needles} needle{'s' if needles > 1 else ''} and question alone take {needed} tokens, plus "
+        f"max_new_tokens={max_new_tokens} for the answer; use lengths of at least {needed + max_new_tokens} "
+        "(several times that leaves room for a haystack), or a smaller max_new_tokens"
+    )
+
+
+def bare_prompt(seed: str, spec: dict, depth: float, count) -> Prompt:
+    """The sample of `seed` without haystack (requested size 0): the shortest prompt it can give."""
+    return make_prompt(random.Random(seed), spec, 0, depth, count)
+
+
+def fitted_prompt(seed: str, spec: dict, budget: int, depth: float, tokenizer, count) -> Prompt:
+    """`make_prompt` with the largest haystack whose tokenized prompt has at most `budget` tokens.
+
+    The generator adds whole haystack sentences, counted one at a time, so the real token count
+    of the prompt is a step function of the requested size, off by up to a sentence plus the
+    tokenizer's merges across joins, differently for every tokenizer (shrinking the request by
+    the excess, as before, crawled a token at a time inside one step and gave up). So search on
+    measured counts: keep the largest request known to fit and the smallest known to overshoot;
+    move by the measured shortfall, or by the excess plus a sentence; bisect when that would
+    leave the bracket; stop within one haystack sentence of the budget or when the bracket
+    closes. Deterministic: a function of (seed, spec, budget, depth) and the tokenizer.
+    """
+    best = bare_prompt(seed, spec, depth, count)
+    best_n = prompt_tokens(tokenizer, best.text)
+    if best_n > budget:  # `check_fit` says so, with the setting to change, before any model work
+        raise UserError(f"{budget} tokens cannot hold the retrieval prompt {seed}: without haystack it has "
+                        f"{best_n} tokens with this tokenizer; use longer lengths")
+    close_enough = sentence_tokens(spec, count)
+    fits, overshoots = 0, None  # requested sizes: the largest known to fit, the smallest known to overshoot
+    request = budget
+    for _ in range(FIT_STEPS):
+        if budget - best_n <= close_enough or (overshoots is not None and overshoots - fits <= 1):
+            break
+        prompt = make_prompt(random.Random(seed), spec, request, depth, count)
+        n = prompt_tokens(tokenizer, prompt.text)
+        if n <= budget:
+            fits, guess = request, request + (budget - n)
+            if n > best_n:
+                best, best_n = prompt, n
+        else:
+            # the excess alone can stay inside one sentence step and crawl down a token at a time
+            overshoots, guess = request, request - (n - budget) - close_enough
+        if fits < guess < (overshoots if overshoots is not None else guess + 1):
+            request = guess
+        elif overshoots is not None:
+            request = (fits + overshoots) // 2
+        else:  # the prompt has exactly `budget` tokens
+            break
+    return best
+
+
+def check_fit(cfg, tokenizer, cells, setting: str = "eval.retrieval") -> None:
+    """Every prompt of `cells` ((name, spec, length, depth, seed) tuples) fits its length: the
+    bare prompt (no haystack) plus max_new_tokens, with this tokenizer. Cheap (short prompts):
+    run before the model loads, so a length too short for a task is one line, not a crash
+    after perplexity and half of the retrieval grid."""
+    count = token_counter(tokenizer)
+    max_new = int(cfg.max_new_tokens)
+    for name, spec, length, depth, seed in cells:
+        needed = prompt_tokens(tokenizer, bare_prompt(seed, spec, depth, count).text)
+        if needed + max_new > length:
+            raise no_room(setting, [int(x) for x in cfg.lengths], name, spec, length, needed, max_new)
+
+
+def prompt_seed(cfg, name: str, length: int, depth: float, index: int) -> str:
+    """The prompts are a function of (seed, task, length, depth, index): the same for every checkpoint."""
+    return f"{cfg.seed}:{name}:{length}:{depth}:{index}"
+
+
+def prompt_cells(cfg):
+    """(task name, spec, length, depth, seed) of every prompt of the suite."""
+    for name, spec in tasks_of(cfg).items():
+        for length in [int(x) for x in cfg.lengths]:
+            for depth in [float(d) for d in cfg.depths]:
+                for i in range(int(cfg.samples)):
+                    yield name, spec, length, depth, prompt_seed(cfg, name, length, depth, i)
 
 
 def token_regions(tokenizer, prompt: Prompt) -> tuple[list[int], np.ndarray | None]:
@@ -174,7 +261,9 @@ def run(model, tokenizer, cfg, device, max_positions: int, probe=None, log=None)
     """Accuracy per (task, length, depth); with a `RouterProbe`, the routing of every prefill."""
     tasks = tasks_of(cfg)
     check_lengths(cfg, max_positions)
+    check_fit(cfg, tokenizer, prompt_cells(cfg))
     count = token_counter(tokenizer)
+    max_new = int(cfg.max_new_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results: dict = {"tasks": {}, "lengths": [int(x) for x in cfg.lengths], "depths": [float(d) for d in cfg.depths]}
     start = time.time()
@@ -184,14 +273,14 @@ def run(model, tokenizer, cfg, device, max_positions: int, probe=None, log=None)
             for depth in results["depths"]:
                 scores, tokens, depths = [], [], []
                 for i in range(int(cfg.samples)):
-                    seed = f"{cfg.seed}:{name}:{length}:{depth}:{i}"
-                    prompt = fitted_prompt(seed, spec, length - int(cfg.max_new_tokens), depth, tokenizer, count)
+                    seed = prompt_seed(cfg, name, length, depth, i)
+                    prompt = fitted_prompt(seed, spec, length - max_new, depth, tokenizer, count)
                     ids, regions = token_regions(tokenizer, prompt)
                     input_ids = torch.tensor([ids], device=device)
                     if probe is not None:
                         probe.start()
                     out = model.generate(
-                        input_ids, max_new_tokens=int(cfg.max_new_tokens), do_sample=False, use_cache=True,
+                        input_ids, max_new_tokens=max_new, do_sample=False, use_cache=True,
                         pad_token_id=pad, attention_mask=torch.ones_like(input_ids),
                     )
                     if probe is not None:

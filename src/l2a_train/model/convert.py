@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 BASE_CONFIGS = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}
 MODES = ("l2a", "full", "swa", "random", "static")
 INITS = ("paper", "preserve")
+WEIGHTS, WEIGHTS_INDEX, LEGACY_WEIGHTS = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
+LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # model.layers.<i>.self_attn.q_proj.weight
 
 
 def select_layers(spec, num_layers: int, setting: str = "l2a.layers") -> list[int]:
@@ -60,8 +63,21 @@ def layer_types_for(l2a_cfg, num_layers: int) -> list[str]:
         every = int(l2a_cfg.get("static_every", 4))
         globals_ = set(select_layers(f"every:{every}", num_layers, "l2a.static_every"))
         return ["global" if i in globals_ else "swa" for i in range(num_layers)]
+    if not chosen:  # every layer would stay global: a full-attention copy that claims to be L2A
+        raise UserError(
+            f"l2a.layers={_plain_spec(l2a_cfg.get('layers'))} selects none of the model's {num_layers} layers, so no "
+            f"layer would be converted (l2a.mode={mode}); use all, a non-empty list such as [0, 2], or every:k "
+            f"with k <= {num_layers} (l2a=full for a full-attention model)"
+        )
     converted = "swa" if mode == "swa" else "l2a"
     return [converted if i in chosen else "global" for i in range(num_layers)]
+
+
+def _plain_spec(spec):
+    """`l2a.layers` as the user wrote it ([] rather than ListConfig's repr)."""
+    from omegaconf import ListConfig, OmegaConf
+
+    return OmegaConf.to_container(spec) if isinstance(spec, ListConfig) else spec
 
 
 def l2a_fields(l2a_cfg, num_layers: int) -> dict:
@@ -102,6 +118,19 @@ def _check_l2a_settings(fields: dict) -> None:
         raise UserError(f"l2a.fused_ops='{fields['l2a_fused_ops']}' is not one of {FUSED_OPS}")
 
 
+def _check_window(config) -> None:
+    """A window as wide as the model's positions is full attention under another name: the
+    converted layers would pay for routing and two attentions and gain nothing."""
+    windowed = any(kind != "global" for kind in config.l2a_layer_types)
+    positions = int(config.max_position_embeddings)
+    if windowed and config.l2a_window >= positions:
+        raise UserError(
+            f"l2a.window={config.l2a_window} is not smaller than the model's {positions} positions "
+            f"(max_position_embeddings): sliding-window attention would see everything; choose l2a.window "
+            f"below {positions} (or raise model.max_position_embeddings to extend the context)"
+        )
+
+
 def _dtype(name) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(name)]
 
@@ -124,15 +153,100 @@ def read_model_type(path: Path) -> str:
         raise UserError(f"{cfg_file}: not valid JSON ({err})") from None
 
 
-def load_checkpoint(path: Path, dtype: torch.dtype, config=None):
-    """from_pretrained that refuses checkpoints whose weights do not match their config."""
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line: transformers' and huggingface_hub's span several."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (one file, or the shards its index names);
+    [] for a legacy pytorch_model.bin checkpoint."""
+    index = path / WEIGHTS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+            raise UserError(
+                f"model.path={path}: {WEIGHTS_INDEX} is not a safetensors index ({_one_line(err)}); "
+                "re-download or re-export the checkpoint"
+            ) from None
+        missing = [name for name in shards if not (path / name).is_file()]
+        if missing:
+            raise UserError(
+                f"model.path={path}: {WEIGHTS_INDEX} names {len(shards)} weight shards, {len(missing)} of them "
+                f"missing ({', '.join(missing[:3])}); re-download or re-export the checkpoint"
+            )
+        return [path / name for name in shards]
+    if (path / WEIGHTS).is_file():
+        return [path / WEIGHTS]
+    if (path / LEGACY_WEIGHTS).is_file():
+        return []
+    raise UserError(
+        f"model.path={path}: no weights there ({WEIGHTS}, {WEIGHTS_INDEX} or {LEGACY_WEIGHTS}); "
+        "point it at a complete Hugging Face checkpoint directory"
+    )
+
+
+def weight_layers(files: list[Path]) -> set[int]:
+    """The decoder-layer indices the weights hold, read from the safetensors headers only (no
+    tensor is loaded). A file that cannot be read is truncated or not safetensors at all."""
+    from safetensors import SafetensorError, safe_open
+
+    layers: set[int] = set()
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                keys = list(handle.keys())
+        except (SafetensorError, OSError) as err:
+            raise UserError(
+                f"model.path={file.parent}: {file.name} is truncated or not a safetensors file ({_one_line(err)}); "
+                "re-download or re-export it"
+            ) from None
+        layers.update(int(m.group(1)) for key in keys if (m := LAYER_KEY.search(key)))
+    return layers
+
+
+def check_weights(path: Path) -> None:
+    """The weight files are readable and hold config.json's number of layers. Checked before
+    from_pretrained, which reports both as a 26- to 41-line traceback without the file's name."""
+    files = weight_files(path)
+    if not files:
+        return  # pytorch_model.bin: from_pretrained reads it (its errors are caught in load_checkpoint)
+    layers = weight_layers(files)
+    expected = json.loads((path / "config.json").read_text()).get("num_hidden_layers")
+    if isinstance(expected, int) and len(layers) != expected:
+        holder = files[0].name if len(files) == 1 else f"the {len(files)} weight shards"
+        raise UserError(
+            f"model.path={path}: config.json says {expected} layers (num_hidden_layers) but {holder} "
+            f"{'holds' if len(files) == 1 else 'hold'} weights for {len(layers)}; use the config.json that came "
+            "with these weights"
+        )
+
+
+def read_config(path: Path):
+    """config.json as a transformers config; its validation errors (several lines) as one line."""
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except Exception as err:  # strict-dataclass, ValueError, KeyError, ...: many types, the message is what matters
+        raise UserError(f"model.path={path}: config.json is not a valid configuration ({_one_line(err)})") from None
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype, configure=None):
+    """from_pretrained that refuses, in one line each, unreadable weights and weights that do not
+    match their config. `configure(config)` adjusts the config before the weights load."""
+    from safetensors import SafetensorError
+
+    check_weights(path)
+    config = read_config(path)
+    if configure is not None:
+        configure(config)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path), config=config, dtype=dtype, output_loading_info=True
         )
-    except (RuntimeError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: the checkpoint does not match its config.json ({first})") from None
+    except (RuntimeError, ValueError, OSError, SafetensorError) as err:
+        raise UserError(f"{path}: the checkpoint does not match its config.json ({_one_line(err)})") from None
     missing = [k for k in info.get("missing_keys", []) if "rotary_emb" not in k]
     mismatched = info.get("mismatched_keys", [])
     unexpected = info.get("unexpected_keys", [])
@@ -190,6 +304,7 @@ def convert_model(base, l2a_cfg, model_cfg=None):
     config.use_cache = True  # generate() decodes with an L2ACache (l2a_train.model.cache)
     if model_cfg is not None:
         apply_context_overrides(config, model_cfg)
+    _check_window(config)
     model = MODEL_BY_FAMILY[model_type](config).to(base.dtype)
 
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
@@ -223,18 +338,20 @@ def build_model(model_cfg, l2a_cfg):
     """
     path = Path(model_cfg.path) if model_cfg.get("path") else None
     if path is not None and path.is_dir() and read_model_type(path).startswith("l2a_"):
-        config = AutoConfig.from_pretrained(str(path))
-        apply_context_overrides(config, model_cfg)
-        for key in RUNTIME_FIELDS:
-            if l2a_cfg.get(key) is not None:
-                setattr(config, f"l2a_{key}", l2a_cfg[key])
-        try:
-            config.validate_l2a()
-        except ValueError as err:
-            raise UserError(str(err)) from None
-        if int(l2a_cfg.get("window", config.l2a_window)) != config.l2a_window:
-            log.warning("l2a.window=%s ignored: %s was converted with window %s", l2a_cfg.window, path, config.l2a_window)
-        return load_checkpoint(path, _dtype(model_cfg.get("dtype", "float32")), config=config)
+
+        def configure(config) -> None:
+            apply_context_overrides(config, model_cfg)
+            for key in RUNTIME_FIELDS:
+                if l2a_cfg.get(key) is not None:
+                    setattr(config, f"l2a_{key}", l2a_cfg[key])
+            try:
+                config.validate_l2a()
+            except ValueError as err:
+                raise UserError(str(err)) from None
+            if int(l2a_cfg.get("window", config.l2a_window)) != config.l2a_window:
+                log.warning("l2a.window=%s ignored: %s was converted with window %s", l2a_cfg.window, path, config.l2a_window)
+
+        return load_checkpoint(path, _dtype(model_cfg.get("dtype", "float32")), configure)
     return convert_model(build_base(model_cfg), l2a_cfg, model_cfg)
 
 
