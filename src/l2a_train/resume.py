@@ -29,7 +29,7 @@ MAY_CHANGE = {
     "trainer.max_bad_steps", "trainer.export_hf", "trainer.resume", "trainer.resume_override",
     "trainer.universal_checkpoint", "trainer.init_from", "trainer.init_optimizer", "trainer.micro_batch_size",
     "trainer.grad_accum", "trainer.grad_checkpointing", "trainer.keep_attention_outputs", "trainer.loss_backend",
-    "l2a.backend", "l2a.fused_ops",
+    "trainer.dry_run", "trainer.memory_limit_gib", "l2a.backend", "l2a.fused_ops",
 }
 CONFIG = "config.yaml"
 # what an earlier run leaves in its directory (Hydra's train.log stays: it is appended to)

@@ -44,6 +44,7 @@ from l2a_data_prep.tokenizer import mismatch as tokenizer_mismatch
 
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_utils
+from . import memory as memory_lib
 from . import resume as resume_lib
 from .loss import linear_cross_entropy, next_token_labels
 from .metrics import FlopsCounter, MetricsLogger, peak_flops, peak_memory_gib, summarize_routing
@@ -181,7 +182,8 @@ def check_tokenizer(cfg, dataset, facts: dict) -> None:
 def check_config(cfg, world_size: int) -> dict:
     """Validate the settings; returns the plan (rows per step, grad_accum, seq_len, ...)."""
     missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
+    planning_only = bool(cfg.trainer.dry_run) and missing == ["data.path"] and cfg.data.get("seq_len")
+    if missing and not planning_only:
         raise UserError(f"required setting(s) not given: {', '.join(missing)}; set them on the command line, "
                         "e.g. data.path=/data/my-corpus model.path=/models/my-l2a-checkpoint")
     t = cfg.trainer
@@ -228,11 +230,15 @@ def check_config(cfg, world_size: int) -> dict:
         raise UserError("trainer.keep_attention_outputs=true only applies with trainer.grad_checkpointing=true "
                         "(without checkpointing nothing is recomputed); enable checkpointing or drop the setting")
 
+    facts = _model_facts(cfg)
+    if planning_only:  # trainer.dry_run without data: the memory plan for data.seq_len
+        return {"dataset": None, "seq_len": int(cfg.data.seq_len), "grad_accum": grad_accum, "zero_stage": stage,
+                "global_rows": micro * grad_accum * world_size, "tokenizer": None}
+
     from .data import PackedDataset  # raises UserError naming the path
 
     dataset = PackedDataset(cfg.data.path, seq_len=cfg.data.get("seq_len"))
     seq_len = dataset.seq_len
-    facts = _model_facts(cfg)
     if facts["max_positions"] and seq_len > int(facts["max_positions"]):
         raise UserError(
             f"rows of {seq_len} tokens exceed the model's max_position_embeddings={facts['max_positions']}; "
@@ -254,6 +260,14 @@ def check_config(cfg, world_size: int) -> dict:
     tokenizer = facts["tokenizer_dir"] or Path(dataset.tokenizer_path)
     return {"dataset": dataset, "seq_len": seq_len, "grad_accum": grad_accum, "zero_stage": stage,
             "global_rows": micro * grad_accum * world_size, "tokenizer": tokenizer}
+
+
+def memory_plan(cfg, plan: dict, world_size: int) -> memory_lib.MemoryPlan:
+    """The predicted memory per GPU of this run (l2a_train.memory), from config facts alone."""
+    from .model.convert import BASE_CONFIGS
+
+    base, is_l2a = memory_lib.base_config(cfg.model, BASE_CONFIGS)
+    return memory_lib.plan(cfg, memory_lib.shape_of(base, cfg.l2a, is_l2a), plan["seq_len"], world_size)
 
 
 def experiment_applied() -> str:
@@ -328,6 +342,14 @@ def run(cfg: DictConfig) -> dict:
     t = cfg.trainer
     grad_accum, zero_stage, dataset = plan["grad_accum"], plan["zero_stage"], plan["dataset"]
     total_steps = int(t.steps)
+    memory = memory_plan(cfg, plan, env.world_size)
+    device_bytes = memory_lib.device_memory(cfg, env.device)
+    if env.is_main:
+        log.info("%s", memory.markdown(device_bytes))
+    if t.dry_run:
+        return {"status": "dry run", "predicted_peak_gib": memory.total / memory_lib.GIB,
+                "memory_plan": {k: v / memory_lib.GIB for k, v in memory.terms.items()}}
+    memory.check(device_bytes)
 
     _quiet_libraries(env.rank)
     env = dist_utils.init_distributed()

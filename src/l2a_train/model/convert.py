@@ -8,7 +8,6 @@ the SWA output projection so the converted model computes exactly the base model
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from l2a_configs import UserError
 from .config import CONFIG_BY_FAMILY, FAMILY_BY_MODEL_TYPE, L2A_DEFAULTS
 from .modeling import MODEL_BY_FAMILY
 
-log = logging.getLogger(__name__)
 BASE_CONFIGS = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}
 MODES = ("l2a", "full", "swa", "random", "static")
 INITS = ("paper", "preserve")
@@ -348,8 +346,6 @@ def build_model(model_cfg, l2a_cfg):
                 config.validate_l2a()
             except ValueError as err:
                 raise UserError(str(err)) from None
-            if int(l2a_cfg.get("window", config.l2a_window)) != config.l2a_window:
-                log.warning("l2a.window=%s ignored: %s was converted with window %s", l2a_cfg.window, path, config.l2a_window)
 
         return load_checkpoint(path, _dtype(model_cfg.get("dtype", "float32")), configure)
     return convert_model(build_base(model_cfg), l2a_cfg, model_cfg)
