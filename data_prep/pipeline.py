@@ -546,6 +546,8 @@ def prepare(cfg: dict) -> dict | None:
     """Run a prep described by a resolved config dict; returns the manifest (None if incomplete)."""
     _check(cfg)
     out = Path(cfg["output"])
+    if out.exists() and not out.is_dir():  # before any work (tokenizer training takes a while)
+        raise UserError(f"output '{out}' exists and is a file, not a directory; choose a new or empty directory")
     specs = {name: sources.resolve(name, dict(spec), cfg["source_defaults"]) for name, spec in cfg["sources"].items()}
     by_domain = _by_domain(specs)
     weights = mixture.parse_mixture(cfg["mixture"], list(by_domain))

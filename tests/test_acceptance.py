@@ -48,20 +48,24 @@ def test_acceptance_tiny_every_stage_ok(tmp_path):
 
 
 def test_acceptance_failed_stage_exits_nonzero_and_stops(tmp_path):
-    """Training that stops with an error (every loss NaN) fails its stage; later stages are not run."""
-    proc = _acceptance(tmp_path, L2A_FAULT="nan_at:" + ",".join(str(s) for s in range(1, 61)))
+    """A stage that fails (here l2a-prep: its output path is taken by a file) is one table row with
+    the command's error line; the later stages are not run and the script exits non-zero."""
+    (tmp_path / "data").write_text("not a data set")
+    proc = _acceptance(tmp_path)
     assert proc.returncode == 1, proc.stdout
     rows = _rows(proc.stdout)
-    assert rows["prep"][0] == "ok" and rows["convert"][0] == "ok"
-    status = rows["train (to SIGTERM)"][0]
-    assert status.startswith("exit 1:") and "non-finite" in status, status
-    assert all(rows[s][0] == "not run" for s in STAGES[3:])
+    assert rows["prep"][0].startswith("exit 2: error: output") and "is a file" in rows["prep"][0], rows["prep"]
+    assert all(rows[s][0] == "not run" for s in STAGES[1:])
 
 
-@pytest.mark.parametrize("prompt, expected", [("prompt=@/no/such/file", "prompt=@/no/such/file: no such file"),
-                                              ("prompt=''", "prompt is empty")])
-def test_generate_bad_prompt_one_line(tmp_path, prompt, expected):
-    proc = subprocess.run([str(BIN / "l2a-generate"), f"model.path={tmp_path}", prompt], cwd=tmp_path,
+def test_generate_bad_prompt_one_line(tmp_path):
+    proc = subprocess.run([str(BIN / "l2a-generate"), f"model.path={tmp_path}", "prompt=@/no/such/file"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "prompt=@/no/such/file: no such file" in errors[0]
+    from l2a_configs import UserError
+    from l2a_train.generate import read_prompt
+
+    with pytest.raises(UserError, match="prompt is empty"):
+        read_prompt("")
