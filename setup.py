@@ -1,6 +1,6 @@
 """Maps the repository's folders to import packages (metadata lives in pyproject.toml).
 
-The layout of DESIGN.md keeps each package in its own top-level folder, which
+The project's layout (docs/ARCHITECTURE.md) keeps each package in its own top-level folder, which
 pyproject's static `packages.find` cannot express, so the mapping is computed here.
 The Hydra config tree ships as the package `l2a_configs` so that installed entry points
 find it through Hydra's `pkg://` search path, editable install or not.

@@ -1,4 +1,4 @@
-"""L2A models for Qwen2.5 and Qwen3 (DESIGN.md section 1), registered with transformers' Auto
+"""L2A models for Qwen2.5 and Qwen3 (docs/METHOD.md), registered with transformers' Auto
 classes on import, so `AutoModelForCausalLM.from_pretrained(dir)` loads an L2A checkpoint."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM

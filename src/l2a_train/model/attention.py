@@ -45,7 +45,7 @@ def _sdpa(q, k, v, mask, scale, is_causal=False):
 
 def _fused_sdpa_backends(device: torch.device):
     """cuDNN first: on H100/H200 its causal kernel is the fastest (~1.7x FlashAttention-2), and
-    FlashAttention has failed under non-reentrant activation checkpointing (issue 6)."""
+    FlashAttention has failed in our runs under non-reentrant activation checkpointing."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

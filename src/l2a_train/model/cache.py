@@ -1,4 +1,4 @@
-"""The KV cache of an L2A model for inference (DESIGN.md section 1, "Inference").
+"""The KV cache of an L2A model for inference (docs/METHOD.md, "Inference and pruning").
 
 What each decoder layer keeps, by `l2a_layer_types`:
 

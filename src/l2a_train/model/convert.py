@@ -1,4 +1,4 @@
-"""Base Qwen model -> L2A model (DESIGN.md section 1), and building models from Hydra configs.
+"""Base Qwen model -> L2A model (docs/METHOD.md), and building models from Hydra configs.
 
 Conversion copies, for every converted layer, the base attention into both attentions and the
 layer's input norm into the second norm; the router starts at zero. `init=preserve` also zeroes

@@ -1,4 +1,4 @@
-"""The L2A decoder layer (DESIGN.md section 1), built from transformers' own Qwen modules.
+"""The L2A decoder layer (docs/METHOD.md), built from transformers' own Qwen modules.
 
     h   = x + SWA(RMSNorm(x))
     u   = RMSNorm_g(h);  p = sigmoid(w.u / tau);  d = 1[p >= threshold] + (p - sg(p))

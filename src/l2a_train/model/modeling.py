@@ -38,7 +38,7 @@ def _family_modules(module):
 
 @dataclass
 class L2AModelOutput(BaseModelOutputWithPast):
-    router_reg: torch.Tensor | None = None  # R of DESIGN.md section 1 (differentiable scalar)
+    router_reg: torch.Tensor | None = None  # R of docs/METHOD.md (differentiable scalar)
     routed_fraction: torch.Tensor | None = None  # float32 [num_layers], detached
     mean_prob: torch.Tensor | None = None  # float32 [num_layers], detached
 
