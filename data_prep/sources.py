@@ -6,7 +6,8 @@ Types (config `sources.<name>.type`, defaults per type in `source_defaults`):
   text       a folder of plain-text files (one document per file)
   arrow      a `datasets` dataset written with `save_to_disk`
   hub        a Hugging Face hub dataset by name (needs the network; streamed)
-  stdlib     built in: the Python standard library as code-repository documents
+  stdlib     built in: the Python standard library (and, with site_packages: true, the installed
+             packages) as code-repository documents; held-out splits by package (holdout, split)
   retrieval  built in: synthetic RULER-style retrieval documents
 
 Files of a source are read in sorted path order, so the record order never depends on the
@@ -199,7 +200,15 @@ def read_hub(spec: dict, name: str) -> Iterator[Record]:
 
 
 def read_stdlib(spec: dict, name: str) -> Iterator[Record]:
-    for ref, text in stdlib_corpus.iter_documents(spec["root"], list(spec["exclude"])):
+    # site_packages / holdout / split: optional (configs/prep.yaml's source_defaults may predate them)
+    try:
+        holdout = float(spec.get("holdout") or 0.0)
+    except (TypeError, ValueError):
+        raise UserError(f"sources.{name}.holdout={spec.get('holdout')!r}: give a fraction in [0, 1)") from None
+    documents = stdlib_corpus.iter_documents(
+        spec.get("root"), list(spec.get("exclude") or []), bool(spec.get("site_packages", False)), holdout,
+        str(spec.get("split") or "all"))
+    for ref, text in documents:
         if isinstance(text, bytes):
             yield Skip("invalid_utf8", f"stdlib:{ref}", "a file of the package is not UTF-8")
         else:
