@@ -205,9 +205,7 @@ def _source_chars(spec: dict, name: str) -> float | None:
     if kind == "stdlib":
         from . import stdlib_corpus
 
-        base = stdlib_corpus.stdlib_root(spec["root"])
-        units = stdlib_corpus.units(base, list(spec["exclude"]))
-        return sum(f.stat().st_size for u in units for f in stdlib_corpus.package_files(u, list(spec["exclude"])))
+        return stdlib_corpus.source_chars(spec)
     if kind == "retrieval":
         return spec["num_docs"] * sum(spec["length"]) / 2
     return None

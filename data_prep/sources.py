@@ -200,14 +200,12 @@ def read_hub(spec: dict, name: str) -> Iterator[Record]:
 
 
 def read_stdlib(spec: dict, name: str) -> Iterator[Record]:
-    # site_packages / holdout / split: optional (configs/prep.yaml's source_defaults may predate them)
     try:
-        holdout = float(spec.get("holdout") or 0.0)
+        holdout = float(spec["holdout"])
     except (TypeError, ValueError):
-        raise UserError(f"sources.{name}.holdout={spec.get('holdout')!r}: give a fraction in [0, 1)") from None
+        raise UserError(f"sources.{name}.holdout={spec['holdout']!r}: give a fraction in [0, 1)") from None
     documents = stdlib_corpus.iter_documents(
-        spec.get("root"), list(spec.get("exclude") or []), bool(spec.get("site_packages", False)), holdout,
-        str(spec.get("split") or "all"))
+        spec["root"], list(spec["exclude"]), bool(spec["site_packages"]), holdout, str(spec["split"]))
     for ref, text in documents:
         if isinstance(text, bytes):
             yield Skip("invalid_utf8", f"stdlib:{ref}", "a file of the package is not UTF-8")

@@ -135,10 +135,10 @@ def selected_units(root=None, exclude: list[str] = (), with_site_packages: bool 
 
 def source_chars(spec: dict) -> int:
     """About how many characters a source spec's documents hold (for a progress ETA)."""
-    exclude = list(spec.get("exclude") or [])
+    exclude = list(spec["exclude"])
     return sum(f.stat().st_size for _, unit, _ in selected_units(
-        spec.get("root"), exclude, bool(spec.get("site_packages", False)), float(spec.get("holdout", 0.0) or 0.0),
-        str(spec.get("split", "all"))) for f in package_files(unit, exclude))
+        spec["root"], exclude, bool(spec["site_packages"]), float(spec["holdout"]), str(spec["split"]))
+        for f in package_files(unit, exclude))
 
 
 def iter_documents(root, exclude: list[str], with_site_packages: bool = False, holdout: float = 0.0,

@@ -115,31 +115,8 @@ arms_of() { case "$1" in convert-main) echo "${MAIN[@]}" ;; convert-matched) ech
 eval_arms() { case "$1" in eval-main) echo "${MAIN[@]} l2a_pruned" ;; eval-matched) echo "${MATCHED[@]}" ;; esac; }
 comma() { local IFS=,; echo "$*"; }
 
-# The base's export is an L2A checkpoint with every layer global (l2a=full); l2a-convert takes
-# plain Qwen checkpoints only, so this stage writes the same weights as a plain Qwen3 checkpoint
-# (config.json without the l2a_* fields; the weight names are the same; the weight file is
-# copied byte for byte). It refuses anything but an all-global l2a_qwen3 checkpoint.
-read -r -d '' PLAIN_QWEN3 <<'PY'
-import json, os, shutil, sys
-from pathlib import Path
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-config = json.loads((src / "config.json").read_text())
-types = config.get("l2a_layer_types")
-if config.get("model_type") != "l2a_qwen3" or not types or set(types) != {"global"}:
-    sys.exit(f"error: {src} is not an all-global l2a_qwen3 checkpoint (model_type {config.get('model_type')}, layers {types})")
-plain = {k: v for k, v in config.items() if not k.startswith("l2a_")}
-plain.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], use_cache=True)
-tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-shutil.rmtree(tmp, ignore_errors=True)
-tmp.mkdir(parents=True)
-for item in src.iterdir():
-    if item.is_file() and item.name != "config.json":
-        shutil.copy2(item, tmp / item.name)
-(tmp / "config.json").write_text(json.dumps(plain, indent=2) + "\n")
-shutil.rmtree(dst, ignore_errors=True)
-tmp.rename(dst)
-print(f"wrote {dst}: qwen3, {len(types)} layers, the weights of {src}")
-PY
+# The base's export (l2a=full: an L2A checkpoint with every layer global) converts like a plain
+# Qwen3 checkpoint: l2a-convert reads it directly.
 
 # The L2A arm's density: mean routed fraction of the last 10% of its logged steps (metrics.jsonl);
 # the random arm routes at that rate, the static arm keeps every k-th layer global with k
@@ -164,7 +141,7 @@ density_value() { $py -c "import json,sys; print(json.load(open(sys.argv[1]))[sy
 
 # 0 when the outputs of one arm of a convert / eval stage are there and newer than their input
 convert_done() {
-  [ -f "$dir/ckpt/$1/model.safetensors" ] && [ "$dir/ckpt/$1/config.json" -nt "$dir/base/config.json" ] &&
+  [ -f "$dir/ckpt/$1/model.safetensors" ] && [ "$dir/ckpt/$1/config.json" -nt "$base_hf/config.json" ] &&
     { [ "$1" != random ] && [ "$1" != static ] || [ "$dir/ckpt/$1/config.json" -nt "$dir/density.json" ]; }
 }
 eval_done() { [ -f "$dir/eval/$1/eval.json" ] && [ "$dir/eval/$1/eval.json" -nt "$(hf_of "$1")/config.json" ]; }
@@ -186,12 +163,11 @@ stage_argv() {
     prep-heldout) argv=("${bin}l2a-prep" prep=replicate_heldout "output=$dir/data/heldout" "tokenizer.path=$dir/data/base/tokenizer"
                         "${prep[@]}" "${prep_heldout[@]}") ;;
     train-base) argv=("${bin}l2a-train" experiment=replicate_base "data.path=$dir/data/base" "run_root=$dir/runs" "${base_train[@]}") ;;
-    base-qwen3) argv=("$py" -c "$PLAIN_QWEN3" "$base_hf" "$dir/base") ;;
     convert-*)  # one conversion per arm (l2a=<arm>), into ckpt/<arm>
       local extra=()
       [ "$name" = convert-matched ] && extra=(l2a.random_rate=$(density_value random_rate) l2a.static_every=$(density_value static_every))
       [ "$name" = convert-main ] && extra=(l2a.init=preserve)  # why: configs/experiment/replicate_arm.yaml
-      argv=("${bin}l2a-convert" -m "l2a=$(comma $(missing "$name"))" "model.path=$dir/base" "${convert[@]}" "${extra[@]}"
+      argv=("${bin}l2a-convert" -m "l2a=$(comma $(missing "$name"))" "model.path=$base_hf" "${convert[@]}" "${extra[@]}"
             "output=$dir/ckpt/\${l2a.mode}" overwrite=true "hydra.sweep.dir=$dir/logs/hydra-$name") ;;
     train-*)
       local extra=()
@@ -217,7 +193,6 @@ stage_done() {
     train-*) [ -f "$(run_of "$arm")/hf/model.safetensors" ] &&
                { [ "$arm" = base ] || [ "$(run_of "$arm")/summary.json" -nt "$dir/ckpt/$arm/config.json" ]; } &&
                $py -c "import json,sys; sys.exit(json.load(open(sys.argv[1])).get('status') != 'done')" "$(run_of "$arm")/summary.json" 2>/dev/null ;;
-    base-qwen3) [ -f "$dir/base/model.safetensors" ] && [ -f "$dir/base/config.json" ] && [ "$dir/base/config.json" -nt "$base_hf/config.json" ] ;;
     convert-*|eval-*) [ -z "$(missing "$name")" ] ;;
     density) [ -f "$dir/density.json" ] && [ "$dir/density.json" -nt "$(run_of l2a)/summary.json" ] ;;
     prune) [ -f "$(hf_of l2a_pruned)/prune_report.json" ] && [ "$(hf_of l2a_pruned)/prune_report.json" -nt "$(hf_of l2a)/config.json" ] ;;
@@ -230,8 +205,8 @@ stage_figures() {
   case "$name" in
     prep-*) $py -c "import json,sys; m=json.load(open(sys.argv[1])); d=m['domains']; print(f\"{m['num_rows']} rows x {m['seq_len']} tokens, {m['tokens']/1e6:.2f}M tokens (\" + ', '.join(f'{k} {v[\"achieved\"]:.2f}' for k, v in d.items()) + f\"), {m['tokenizer']['vocab_size']}-token BPE\")" "$dir/data/$arm/manifest.json" ;;
     train-*) $py -c "import json,sys; s=json.load(open(sys.argv[1])); f=lambda x, p: '-' if x is None else format(x, p); print(f\"{s['steps']} steps, {f(s.get('tokens'), ',')} tokens, final LM loss {f(s['final_loss'], '.3f')}, skip rate {f(s['final_skip_rate'], '.3f')}, {f(s['tokens_per_s'], ',.0f')} tokens/s, peak {f(s.get('peak_mem_gib'), '.1f')} GiB\")" "$(run_of "$arm")/summary.json" ;;
-    base-qwen3|convert-*)
-      local dirs=("$dir/base"); [ "$name" = base-qwen3 ] || { dirs=(); for a in $(arms_of "$name"); do dirs+=("$dir/ckpt/$a"); done; }
+    convert-*)
+      local dirs=(); for a in $(arms_of "$name"); do dirs+=("$dir/ckpt/$a"); done
       $py -c "
 import json, os, sys
 for d in sys.argv[1:]:
@@ -306,8 +281,7 @@ add prep-base
 add prep-long prep-base
 add prep-heldout prep-base
 add train-base prep-base
-add base-qwen3 train-base
-add convert-main base-qwen3
+add convert-main train-base
 add train-l2a convert-main prep-long
 add train-full convert-main prep-long
 add density train-l2a

@@ -234,6 +234,25 @@ def test_non_qwen_and_mismatched_checkpoints_are_refused(tmp_path):
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
 
 
+def test_an_all_global_l2a_checkpoint_converts_like_its_base(tmp_path):
+    """A base pretrained with l2a=full is exported as an L2A checkpoint with every layer global:
+    l2a-convert reads it as the plain Qwen model it is; an L2A model with routed layers is refused."""
+    import torch
+
+    from l2a_train.convert import convert
+
+    convert(compose("convert", ["l2a=full", f"output={tmp_path / 'full'}"]))
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["model_type"] == "l2a_qwen3"
+    convert(compose("convert", [f"model.path={tmp_path / 'full'}", "l2a.window=16", f"output={tmp_path / 'l2a'}"]))
+    direct = build_base(cfgs("tiny_qwen3")[0])
+    from_full = build_base(compose("convert", [f"model.path={tmp_path / 'full'}", "output=x"]).model)
+    assert from_full.config.model_type == "qwen3"
+    for (name, a), (_, b) in zip(direct.state_dict().items(), from_full.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(UserError, match="is already an L2A model"):
+        convert(compose("convert", [f"model.path={tmp_path / 'l2a'}", f"output={tmp_path / 'again'}"]))
+
+
 def test_layer_selection_and_static_hybrid():
     assert select_layers("all", 4) == [0, 1, 2, 3]
     assert select_layers("every:2", 4) == [1, 3]

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ARMS = ["full", "l2a", "swa", "random", "static"]
 LABELS = ["full attention", "L2A (learned router)", "SWA only", "random routing", "static hybrid", "L2A, pruned"]
-STAGES = ["prep-base", "prep-long", "prep-heldout", "train-base", "base-qwen3", "convert-main", "train-l2a",
+STAGES = ["prep-base", "prep-long", "prep-heldout", "train-base", "convert-main", "train-l2a",
           "train-full", "density", "convert-matched", "train-swa", "train-random", "train-static", "prune",
           "eval-main", "eval-matched", "report"]
 
@@ -54,8 +54,8 @@ def test_every_stage_ok_and_wrote_its_outputs(run):
         manifest = json.loads((work / "data" / name / "manifest.json").read_text())
         assert manifest["seq_len"] == (256 if name == "base" else 1024)
         assert manifest["tokenizer"]["sha256"] == json.loads((work / "data" / "base" / "manifest.json").read_text())["tokenizer"]["sha256"]
-    base = json.loads((work / "base" / "config.json").read_text())
-    assert base["model_type"] == "qwen3" and base["max_position_embeddings"] == 256
+    base = json.loads((work / "runs" / "replicate_base" / "hf" / "config.json").read_text())
+    assert set(base["l2a_layer_types"]) == {"global"} and base["max_position_embeddings"] == 256  # full attention
     density = json.loads((work / "density.json").read_text())
     expected = {"full": {"global"}, "l2a": {"l2a"}, "swa": {"swa"}, "random": {"l2a"}}
     for arm in ARMS:

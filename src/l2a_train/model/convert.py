@@ -230,13 +230,14 @@ def read_config(path: Path):
         raise UserError(f"model.path={path}: config.json is not a valid configuration ({_one_line(err)})") from None
 
 
-def load_checkpoint(path: Path, dtype: torch.dtype, configure=None):
+def load_checkpoint(path: Path, dtype: torch.dtype, configure=None, config=None):
     """from_pretrained that refuses, in one line each, unreadable weights and weights that do not
-    match their config. `configure(config)` adjusts the config before the weights load."""
+    match their config. `configure(config)` adjusts the config before the weights load; `config`
+    replaces config.json."""
     from safetensors import SafetensorError
 
     check_weights(path)
-    config = read_config(path)
+    config = read_config(path) if config is None else config
     if configure is not None:
         configure(config)
     try:
@@ -254,6 +255,20 @@ def load_checkpoint(path: Path, dtype: torch.dtype, configure=None):
     return model
 
 
+def _plain_config(path: Path):
+    """The Qwen config of an L2A checkpoint whose layers are all global: a model trained with
+    l2a=full (such as a base pretrained from a config) is a plain Qwen model in L2A clothing, with
+    the same weight names, so it converts like one."""
+    config = json.loads((path / "config.json").read_text())
+    types = set(config.get("l2a_layer_types") or ["global"])
+    if types != {"global"}:
+        raise UserError(f"model.path={path} is already an L2A model (layer types {sorted(types)}); convert its base "
+                        "model instead, or train this checkpoint as it is (l2a-train model.path=...)")
+    family = FAMILY_BY_MODEL_TYPE[config["model_type"]]
+    fields = {k: v for k, v in config.items() if not k.startswith("l2a_") and k not in ("model_type", "architectures")}
+    return BASE_CONFIGS[family](**fields)
+
+
 def build_base(model_cfg):
     """The base Qwen model: from a local directory, or from `model.config` with random weights."""
     family = model_cfg.get("family")
@@ -265,6 +280,8 @@ def build_base(model_cfg):
         if not path.is_dir():
             raise UserError(f"model.path={path} does not exist; give a local Hugging Face checkpoint directory")
         model_type = read_model_type(path)
+        if model_type in ("l2a_qwen2", "l2a_qwen3"):
+            return load_checkpoint(path, dtype, config=_plain_config(path))
         if model_type not in ("qwen2", "qwen3"):
             raise UserError(
                 f"model.path={path} holds a '{model_type}' model; only Qwen2/Qwen2.5 and Qwen3 models can be converted"
