@@ -19,6 +19,7 @@ document boundaries from them. `padding` marks the filler at the end of the data
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 from l2a_configs import UserError
 from l2a_data_prep import format as fmt
 
+log = logging.getLogger(__name__)
 STATE_VERSION = 1
 REQUIRED = ("format", "seq_len", "num_rows", "shards", "tokenizer")
 
@@ -109,6 +111,39 @@ class PackedDataset:
         shard, local = self._locate(row)
         last = self._row_ptr[shard][local + 1] - 1
         return int(self._doc_starts[shard][last]) if self._seg_doc[shard][last] == -1 else self.seq_len
+
+
+def check_tokenizer_matches(model_path, data: dict, allow: bool) -> None:
+    """The packed data of each setting in `data` (setting -> path; None: not used) was tokenized
+    with the model's own tokenizer. Otherwise its token ids mean other strings to the model:
+    perplexity and calibration run and report numbers about nothing. Compared only when the
+    checkpoint has a tokenizer (else the data's is the one used); `allow` (the setting
+    data.allow_tokenizer_mismatch) turns the error into a warning. Cheap: before the model loads.
+    Used by l2a-train, l2a-eval and l2a-prune."""
+    from l2a_data_prep.tokenizer import has_tokenizer, mismatch
+
+    model_dir = Path(model_path)
+    if not has_tokenizer(model_dir):
+        return
+    for setting, path in data.items():
+        if not path:
+            continue
+        data_dir = Path(PackedDataset(path).tokenizer_path)
+        if not has_tokenizer(data_dir):
+            raise UserError(f"{setting}={path}: its tokenizer directory {data_dir} is missing or empty; "
+                            "prepare the data again with l2a-prep")
+        try:
+            difference = mismatch(data_dir, model_dir)
+        except Exception as err:  # tokenizers raises many types for a broken file; the message is what matters
+            raise UserError(f"cannot compare the tokenizers of {setting}={path} and model.path={model_path} ({err})") from None
+        if difference is None:
+            continue
+        message = f"{setting}={path} was prepared with another tokenizer than model.path={model_path}: {difference}"
+        if allow:
+            log.warning("%s; going on because data.allow_tokenizer_mismatch=true", message)
+            continue
+        raise UserError(f"{message}; prepare it with the model's tokenizer (l2a-prep tokenizer.path={model_path}) "
+                        "or pass data.allow_tokenizer_mismatch=true if the ids are known to agree")
 
 
 def position_ids(doc_starts: np.ndarray, seq_len: int) -> np.ndarray:

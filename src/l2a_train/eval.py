@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from l2a_configs import UserError, hydra_app
 
 from .convert import write_atomically
+from .data import check_tokenizer_matches
 from .evaluation import check_suite, loading, model_summary, open_data, report, run_suite
 
 log = logging.getLogger("l2a-eval")
@@ -42,7 +43,7 @@ def evaluate(cfg) -> dict:
         raise UserError(f"output={output} already exists; choose another directory or pass overwrite=true")
     device = loading.resolve_device(cfg.get("device"))
     positions = loading.configured_positions(cfg.model)
-    loading.check_data_tokenizer(cfg.model.path, {"data.path": cfg.data.path}, bool(cfg.data.allow_tokenizer_mismatch))
+    check_tokenizer_matches(cfg.model.path, {"data.path": cfg.data.path}, bool(cfg.data.allow_tokenizer_mismatch))
     tokenizer = loading.load_tokenizer(cfg.tokenizer, cfg.model.path, cfg.data.path, required=bool(cfg.eval.retrieval.enabled))
     check_suite(cfg.eval, positions, bool(cfg.data.path), tokenizer)
     model, source = loading.load_model(cfg.model, cfg.get("backend"), device)

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from l2a_configs import UserError, hydra_app
 
 from .convert import write_atomically
+from .data import check_tokenizer_matches
 from .evaluation import check_suite, kv_report, loading, open_data, retrieval, run_suite
 from .evaluation.perplexity import label
 from .model import prune_layers
@@ -190,7 +191,7 @@ def prune(cfg) -> dict:
     check_layers(Path(cfg.model.path), k)
     positions = loading.configured_positions(cfg.model)
     data = {"calibration.path": cfg.calibration.path, "data.path": cfg.data.path if cfg.eval_change else None}
-    loading.check_data_tokenizer(cfg.model.path, data, bool(cfg.data.allow_tokenizer_mismatch))
+    check_tokenizer_matches(cfg.model.path, data, bool(cfg.data.allow_tokenizer_mismatch))
     needs_tokenizer = not cfg.calibration.path or (cfg.eval_change and cfg.eval.retrieval.enabled)
     tokenizer = loading.load_tokenizer(cfg.tokenizer, cfg.model.path, cfg.calibration.path or cfg.data.path,
                                        required=needs_tokenizer)

@@ -40,7 +40,6 @@ from omegaconf import DictConfig, OmegaConf
 import l2a_configs
 from l2a_configs import UserError
 from l2a_data_prep.tokenizer import has_tokenizer
-from l2a_data_prep.tokenizer import mismatch as tokenizer_mismatch
 
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_utils
@@ -162,23 +161,6 @@ def check_fixed_settings(cfg, facts: dict) -> None:
             "model (model.path=<base checkpoint>), which is converted with the l2a settings of the run")
 
 
-def check_tokenizer(cfg, dataset, facts: dict) -> None:
-    """The data must be tokenized with the model's own tokenizer, when the model has one."""
-    if facts["tokenizer_dir"] is None or not has_tokenizer(dataset.tokenizer_path):
-        return
-    what = tokenizer_mismatch(dataset.tokenizer_path, facts["tokenizer_dir"])
-    if what is None:
-        return
-    if cfg.data.allow_tokenizer_mismatch:
-        log.warning("data.allow_tokenizer_mismatch=true: %s was prepared with another tokenizer than %s (%s)",
-                    cfg.data.path, cfg.model.path, what)
-        return
-    raise UserError(
-        f"data.path={cfg.data.path} was prepared with another tokenizer than model.path={cfg.model.path}: {what}; "
-        f"prepare the data with the model's tokenizer (l2a-prep tokenizer.path={facts['tokenizer_dir']}), or set "
-        "data.allow_tokenizer_mismatch=true if the ids really are the model's")
-
-
 def check_config(cfg, world_size: int) -> dict:
     """Validate the settings; returns the plan (rows per step, grad_accum, seq_len, ...)."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -235,7 +217,7 @@ def check_config(cfg, world_size: int) -> dict:
         return {"dataset": None, "seq_len": int(cfg.data.seq_len), "grad_accum": grad_accum, "zero_stage": stage,
                 "global_rows": micro * grad_accum * world_size, "tokenizer": None}
 
-    from .data import PackedDataset  # raises UserError naming the path
+    from .data import PackedDataset, check_tokenizer_matches  # raises UserError naming the path
 
     dataset = PackedDataset(cfg.data.path, seq_len=cfg.data.get("seq_len"))
     seq_len = dataset.seq_len
@@ -248,7 +230,8 @@ def check_config(cfg, world_size: int) -> dict:
         log.warning("model.max_position_embeddings changed but model.rope_theta not: positions beyond the "
                     "original context may be poorly modelled")
     check_fixed_settings(cfg, facts)
-    check_tokenizer(cfg, dataset, facts)
+    if facts["tokenizer_dir"] is not None:
+        check_tokenizer_matches(cfg.model.path, {"data.path": cfg.data.path}, bool(cfg.data.allow_tokenizer_mismatch))
     data_vocab = int(dataset.manifest.get("tokenizer", {}).get("vocab_size") or 0)
     if facts["vocab_size"] and data_vocab > int(facts["vocab_size"]):
         raise UserError(f"data.path={cfg.data.path} was tokenized with {data_vocab} token ids but the model has "

@@ -126,40 +126,6 @@ def load_tokenizer(tokenizer_path, model_path, data_path=None, required: bool = 
     return None
 
 
-def check_data_tokenizer(model_path, data: dict, allow: bool) -> None:
-    """The packed data of each setting in `data` (setting -> path; None: not used) was tokenized
-    with the model's own tokenizer. Otherwise its token ids mean other strings to the model:
-    perplexity and calibration run and report numbers about nothing. Compared only when the
-    checkpoint has a tokenizer (else the data's is the one used); `allow` (the setting
-    data.allow_tokenizer_mismatch) turns the error into a warning. Cheap: before the model loads."""
-    from l2a_data_prep.tokenizer import mismatch
-
-    from l2a_train.data import PackedDataset
-
-    model_dir = Path(model_path)
-    if not has_tokenizer(model_dir):
-        return
-    for setting, path in data.items():
-        if not path:
-            continue
-        data_dir = Path(PackedDataset(path).tokenizer_path)
-        if not has_tokenizer(data_dir):
-            raise UserError(f"{setting}={path}: its tokenizer directory {data_dir} is missing or empty; "
-                            "prepare the data again with l2a-prep")
-        try:
-            difference = mismatch(data_dir, model_dir)
-        except Exception as err:  # tokenizers raises many types for a broken file; the message is what matters
-            raise UserError(f"cannot compare the tokenizers of {setting}={path} and model.path={model_path} ({err})") from None
-        if difference is None:
-            continue
-        message = f"{setting}={path} was prepared with another tokenizer than model.path={model_path}: {difference}"
-        if allow:
-            log.warning("%s; going on because data.allow_tokenizer_mismatch=true", message)
-            continue
-        raise UserError(f"{message}; prepare it with the model's tokenizer (l2a-prep tokenizer.path={model_path}) "
-                        "or pass data.allow_tokenizer_mismatch=true if the ids are known to agree")
-
-
 def check_tokenizer(tokenizer, model) -> None:
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(
