@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from stage_table import stage_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -26,19 +27,10 @@ def _acceptance(tmp_path, **env):
                           cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
 
 
-def _rows(stdout: str) -> dict[str, list[str]]:
-    rows = {}
-    for line in stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and cells[0] in STAGES:
-            rows[cells[0]] = cells[1:]
-    return rows
-
-
 def test_acceptance_tiny_every_stage_ok(tmp_path):
     proc = _acceptance(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    rows = _rows(proc.stdout)
+    rows = stage_rows(proc.stdout, STAGES)
     assert list(rows) == STAGES and all(r[0] == "ok" for r in rows.values()), proc.stdout
     first = re.search(r"routed fraction ([\d.]+) -> ([\d.]+)", rows["train (to SIGTERM)"][2])
     assert first and float(first.group(1)) == 1.0 and float(first.group(2)) < 0.9  # the router learned to skip
@@ -53,7 +45,7 @@ def test_acceptance_failed_stage_exits_nonzero_and_stops(tmp_path):
     (tmp_path / "data").write_text("not a data set")
     proc = _acceptance(tmp_path)
     assert proc.returncode == 1, proc.stdout
-    rows = _rows(proc.stdout)
+    rows = stage_rows(proc.stdout, STAGES)
     assert rows["prep"][0].startswith("exit 2: error: output") and "is a file" in rows["prep"][0], rows["prep"]
     assert all(rows[s][0] == "not run" for s in STAGES[1:])
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from stage_table import stage_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -30,15 +31,6 @@ def replicate(work: Path, *args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-def stage_rows(stdout: str) -> dict[str, list[str]]:
-    rows = {}
-    for line in stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and cells[0] in STAGES:
-            rows[cells[0]] = cells[1:]
-    return rows
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     work = tmp_path_factory.mktemp("replicate")
@@ -48,7 +40,7 @@ def run(tmp_path_factory):
 def test_every_stage_ok_and_wrote_its_outputs(run):
     work, proc = run
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    rows = stage_rows(proc.stdout)
+    rows = stage_rows(proc.stdout, STAGES)
     assert list(rows) == STAGES and all(r[0] == "ok" for r in rows.values()), proc.stdout
     for name in ("base", "long", "heldout"):
         manifest = json.loads((work / "data" / name / "manifest.json").read_text())
@@ -107,7 +99,7 @@ def test_second_run_skips_finished_stages(run):
     assert first.returncode == 0
     proc = replicate(work)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    rows = stage_rows(proc.stdout)
+    rows = stage_rows(proc.stdout, STAGES)
     assert all(rows[s][0].startswith("done (outputs complete") for s in STAGES[:-1]), proc.stdout
     assert rows["report"][0] == "ok"
 
@@ -115,7 +107,7 @@ def test_second_run_skips_finished_stages(run):
 def test_spent_budget_stops_with_exit_3(tmp_path):
     proc = replicate(tmp_path, "--budget", "5")
     assert proc.returncode == 3, proc.stdout + proc.stderr[-2000:]
-    rows = stage_rows(proc.stdout)
+    rows = stage_rows(proc.stdout, STAGES)
     assert rows["prep-base"][0].startswith("not run: time budget spent") and rows["train-base"][0] == "not run"
 
 
