@@ -86,10 +86,8 @@ def load_model(model_cfg, backend: str | None = None, device: torch.device | Non
         source = f"base {kind} checkpoint, run as full attention"
     else:
         source = "L2A checkpoint"
-    model = build_model(OmegaConf.create(node), OmegaConf.create(l2a))
+    model = build_model(OmegaConf.create(node), OmegaConf.create(l2a), device=device)
     model.eval()
-    if device is not None:
-        model.to(device)
     return model, source
 
 

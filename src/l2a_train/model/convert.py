@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen3Config
+from transformers.initialization import no_init_weights
 
 from l2a_configs import UserError
 
@@ -230,10 +231,11 @@ def read_config(path: Path):
         raise UserError(f"model.path={path}: config.json is not a valid configuration ({_one_line(err)})") from None
 
 
-def load_checkpoint(path: Path, dtype: torch.dtype, configure=None, config=None):
+def load_checkpoint(path: Path, dtype: torch.dtype, configure=None, config=None, device=None):
     """from_pretrained that refuses, in one line each, unreadable weights and weights that do not
     match their config. `configure(config)` adjusts the config before the weights load; `config`
-    replaces config.json."""
+    replaces config.json. The weights load on the CPU (memory-mapped safetensors; transformers'
+    `device_map` would need accelerate) and then move to `device`."""
     from safetensors import SafetensorError
 
     check_weights(path)
@@ -252,7 +254,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype, configure=None, config=None)
     if missing or mismatched or unexpected:
         detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected/mismatched {(list(unexpected) + list(mismatched))[:3]}"
         raise UserError(f"{path}: the weights do not match config.json ({detail}); is config.json from this checkpoint?")
-    return model
+    return model.to(device) if device is not None else model
 
 
 def _plain_config(path: Path):
@@ -269,8 +271,12 @@ def _plain_config(path: Path):
     return BASE_CONFIGS[family](**fields)
 
 
-def build_base(model_cfg):
-    """The base Qwen model: from a local directory, or from `model.config` with random weights."""
+def build_base(model_cfg, device=None):
+    """The base Qwen model: from a local directory, or from `model.config` with random weights.
+
+    The weights are created (or loaded) on `device` (default: the CPU). Random weights are
+    seeded by `model.seed`; they are reproducible on one kind of device, but a GPU draws other
+    numbers than the CPU."""
     family = model_cfg.get("family")
     if family not in BASE_CONFIGS:
         raise UserError(f"model.family='{family}' is not supported; use qwen2 (Qwen2.5) or qwen3")
@@ -281,18 +287,19 @@ def build_base(model_cfg):
             raise UserError(f"model.path={path} does not exist; give a local Hugging Face checkpoint directory")
         model_type = read_model_type(path)
         if model_type in ("l2a_qwen2", "l2a_qwen3"):
-            return load_checkpoint(path, dtype, config=_plain_config(path))
+            return load_checkpoint(path, dtype, config=_plain_config(path), device=device)
         if model_type not in ("qwen2", "qwen3"):
             raise UserError(
                 f"model.path={path} holds a '{model_type}' model; only Qwen2/Qwen2.5 and Qwen3 models can be converted"
             )
-        return load_checkpoint(path, dtype)
+        return load_checkpoint(path, dtype, device=device)
     if not model_cfg.get("config"):
         raise UserError("model.path is null and model.config is empty: give a checkpoint or an architecture")
     # null entries mean "the family's default" (tiny_qwen2 drops Qwen3's head_dim this way)
     config = BASE_CONFIGS[family](**{k: v for k, v in _plain(model_cfg.config).items() if v is not None})
     torch.manual_seed(int(model_cfg.get("seed", 0)))
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device(device or "cpu"):  # initialising on the GPU takes seconds where the CPU takes minutes
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _plain(node) -> dict:
@@ -320,7 +327,11 @@ def convert_model(base, l2a_cfg, model_cfg=None):
     if model_cfg is not None:
         apply_context_overrides(config, model_cfg)
     _check_window(config)
-    model = MODEL_BY_FAMILY[model_type](config).to(base.dtype)
+    # Every weight is overwritten below (the base's, copies of them, the zero router), so the
+    # model is allocated on the base's device without running the initialisers: for a 1.5B model
+    # that initialisation was most of the conversion time.
+    with no_init_weights(), torch.device(base.device):
+        model = MODEL_BY_FAMILY[model_type]._from_config(config, dtype=base.dtype)
 
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     new = ("global_attn.", "global_layernorm.", "router.")
@@ -344,8 +355,9 @@ def convert_model(base, l2a_cfg, model_cfg=None):
 RUNTIME_FIELDS = ("p_dense", "backend", "fused_ops", "threshold", "temperature", "random_rate")
 
 
-def build_model(model_cfg, l2a_cfg):
-    """The model to train or evaluate, from the `model` and `l2a` config groups.
+def build_model(model_cfg, l2a_cfg, device=None):
+    """The model to train or evaluate, from the `model` and `l2a` config groups, with its weights
+    created or loaded on `device` (default: the CPU).
 
     - `model.path` null or a base Qwen checkpoint: converted on the fly with `l2a_cfg`;
     - an L2A checkpoint: loaded; its structure (layer types, window) is kept, and the runtime
@@ -364,8 +376,8 @@ def build_model(model_cfg, l2a_cfg):
             except ValueError as err:
                 raise UserError(str(err)) from None
 
-        return load_checkpoint(path, _dtype(model_cfg.get("dtype", "float32")), configure)
-    return convert_model(build_base(model_cfg), l2a_cfg, model_cfg)
+        return load_checkpoint(path, _dtype(model_cfg.get("dtype", "float32")), configure, device=device)
+    return convert_model(build_base(model_cfg, device), l2a_cfg, model_cfg)
 
 
 TRAINABLE_PRESETS = ("all", "paper", "router")
