@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time to first token (prefill) and KV-cache memory: full attention vs L2A vs pruned L2A.
 
-Issue 7's benchmark: a Qwen2.5-1.5B-shaped model with random weights (built from a config, no
+A Qwen2.5-1.5B-shaped model with random weights (built from a config, no
 download), bf16, batch 1, at 32K / 64K / 128K tokens, on one GPU:
 
     python scripts/bench_inference.py                      # the GPU run (defaults below)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput and peak memory: full attention vs L2A, one GPU.
 
-Issue 6's benchmark: a Qwen2.5-1.5B-shaped model with random weights (built from a config, no
+A proxy of one training step (not the trainer: scripts/bench_trainer.py times l2a-train itself): a Qwen2.5-1.5B-shaped model with random weights (built from a config, no
 download), bf16, batch 1, gradient checkpointing, at 32K / 64K / 128K tokens per row:
 
     python scripts/bench_train.py                                   # the GPU run (defaults below)

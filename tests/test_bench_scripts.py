@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,23 @@ def test_benchmark_runs_on_cpu_and_writes_json(tmp_path, script, variants):
 def test_benchmark_rejects_bad_arguments():
     out = _run("bench_train.py", "--variants", "full,flash")
     assert out.returncode == 2 and "unknown variants ['flash']" in out.stderr
+
+
+def test_real_trainer_benchmark_reads_its_figures_from_l2a_train(tmp_path):
+    """bench_trainer.py prepares rows with l2a-prep, trains with l2a-train, and its table's
+    figures are those of the run's metrics.jsonl (a failed run would be reported, not hidden)."""
+    out = _run("bench_trainer.py", "--suite", "tiny", "--cases", "tiny-l2a-long", "--work", str(tmp_path / "w"),
+               "--out", str(tmp_path / "out"))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-2000:]
+    (result,) = json.loads((tmp_path / "out" / "bench_trainer_tiny.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "w/runs/tiny-l2a-long/metrics.jsonl").read_text().splitlines()]
+    timed = [r["tokens_per_s"] for r in records if r.get("step", 0) > 1]
+    assert result["rc"] == 0 and result["steps_done"] == 3
+    assert result["tokens_per_s"] == statistics.median(timed) and len(timed) == 2
+    assert abs(result["routed"] - 0.2) < 0.1  # l2a=random at 0.2
+    assert "| tiny-l2a-long | tiny | 1K | long (" in out.stdout
+
+
+def test_real_trainer_benchmark_names_unknown_cases(tmp_path):
+    out = _run("bench_trainer.py", "--suite", "tiny", "--cases", "nope", "--work", str(tmp_path))
+    assert out.returncode == 2 and "--cases: unknown ['nope']" in out.stderr

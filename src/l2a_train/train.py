@@ -402,7 +402,7 @@ def run(cfg: DictConfig) -> dict:
     from .model import apply_trainable, build_model
     from .model.checkpointing import enable_checkpointing
 
-    model = build_model(cfg.model, cfg.l2a)
+    model = build_model(cfg.model, cfg.l2a, device=env.device)  # initialised or loaded on the GPU: seconds, not minutes
     n_trainable = apply_trainable(model, cfg.l2a.trainable)
     model.config.use_cache = False
     if t.grad_checkpointing:

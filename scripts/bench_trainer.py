@@ -1,0 +1,250 @@
+#!/usr/bin/env python
+"""The real trainer's speed and memory: `l2a-prep` data, `l2a-train` runs, one Markdown table.
+
+Unlike scripts/bench_train.py (a proxy: one training step in a loop, torch AdamW, one document
+per row), every figure here comes from the commands a user runs: `l2a-prep` writes the rows,
+`l2a-train` (DeepSpeed, the configured ZeRO stage, bf16, gradient checkpointing, the fused
+loss) trains on them, and the numbers are read from the run's metrics.jsonl and log:
+
+    python scripts/bench_trainer.py --suite packed_1_5b --work /tmp/bt   # Qwen2.5-1.5B shape, 32K and 128K, two layouts
+    python scripts/bench_trainer.py --suite one_gpu_8b --work /tmp/bt    # Qwen3-8B / Qwen2.5-7B shapes at 128K and longer
+    python scripts/bench_trainer.py --suite tiny --work /tmp/bt          # CPU smoke test (the test suite runs it)
+    python scripts/bench_trainer.py --suite one_gpu_8b --cases 8b-l2a-128k   # some cases only
+
+Layouts (written by `l2a-prep` from the built-in synthetic retrieval documents, 4096-token BPE):
+  long     one long document per row: documents of 4-8 rows, so a row is one document except
+           where a document ends (the table gives the share of single-document rows)
+  mixture  as long-context recipes mix: half of the tokens in documents of 4-8 rows, half in
+           documents of about 1K-8K tokens packed together
+
+Columns: tokens/s = the median of `tokens_per_s` over the steps after `--warmup` (each step
+CUDA-synchronised by the trainer); peak = the most memory allocated on the GPU in any step
+(torch.cuda.max_memory_allocated) next to the memory plan's prediction from the run's log;
+start-up = seconds from launching `l2a-train` to the start of its first step (launch time to
+the first metrics line, less that step's time). Models have random weights built from a
+config; routing is `l2a=random` at 0.2 (the learned router's routed fraction depends on
+training; the `learned` cases train it and report the fraction they reached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+QWEN2_5_1_5B = ("{vocab_size: 151936, hidden_size: 1536, intermediate_size: 8960, num_hidden_layers: 28, "
+                "num_attention_heads: 12, num_key_value_heads: 2, max_position_embeddings: 131072, "
+                "rope_theta: 5000000.0, rms_norm_eps: 1.0e-6, tie_word_embeddings: true}")
+QWEN3_8B = ("{vocab_size: 151936, hidden_size: 4096, intermediate_size: 12288, num_hidden_layers: 36, "
+            "num_attention_heads: 32, num_key_value_heads: 8, head_dim: 128, max_position_embeddings: 262144, "
+            "rope_theta: 5000000.0, rms_norm_eps: 1.0e-6, tie_word_embeddings: false}")
+QWEN2_5_7B = ("{vocab_size: 152064, hidden_size: 3584, intermediate_size: 18944, num_hidden_layers: 28, "
+              "num_attention_heads: 28, num_key_value_heads: 4, max_position_embeddings: 262144, "
+              "rope_theta: 5000000.0, rms_norm_eps: 1.0e-6, tie_word_embeddings: false}")
+TINY = ("{vocab_size: 4096, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, "
+        "num_key_value_heads: 2, head_dim: 16, max_position_embeddings: 4096, rope_theta: 10000.0}")
+
+METHODS = {
+    "full": ["l2a=full"],
+    "l2a": ["l2a=random", "l2a.random_rate=0.2"],
+    "learned": ["l2a=l2a"],
+}
+
+
+def case(name, model, family, experiment, method, layout, seq_len, steps=4, batch=1, extra=()):
+    return dict(name=name, model=model, family=family, experiment=experiment, method=method, layout=layout,
+                seq_len=seq_len, steps=steps, batch=batch, extra=list(extra))
+
+
+def suites() -> dict[str, list[dict]]:
+    packed = []
+    for seq in (32768, 131072):
+        k = seq // 1024
+        steps = 6 if seq == 32768 else 4
+        for layout in ("long", "mixture"):
+            for method in ("full", "l2a"):
+                packed.append(case(f"1.5b-{method}-{layout}-{k}k", "qwen2.5-1.5b", "qwen2", "qwen2_5_1_5b_32k",
+                                   method, layout, seq, steps=steps))
+    packed.append(case("1.5b-learned-mixture-32k", "qwen2.5-1.5b", "qwen2", "qwen2_5_1_5b_32k", "learned", "mixture",
+                       32768, steps=30, extra=["trainer.lr=1e-4"]))
+    big = [
+        case("8b-l2a-128k", "qwen3-8b", "qwen3", "qwen3_8b_128k_1gpu", "l2a", "long", 131072, steps=3, batch=2),
+        case("8b-full-128k", "qwen3-8b", "qwen3", "qwen3_8b_128k_1gpu", "full", "long", 131072, steps=3, batch=2),
+        case("7b-l2a-128k", "qwen2.5-7b", "qwen2", "qwen2_5_7b_128k_1gpu", "l2a", "long", 131072, steps=3, batch=2),
+        case("8b-l2a-192k", "qwen3-8b", "qwen3", "qwen3_8b_128k_1gpu", "l2a", "long", 196608, steps=3, batch=2,
+             extra=["model.max_position_embeddings=262144",
+                    "+deepspeed.zero_optimization.offload_optimizer={device: cpu, pin_memory: true}"]),
+    ]
+    tiny = [case("tiny-l2a-long", "tiny", "qwen3", "quickstart", "l2a", "long", 1024, steps=3),
+            case("tiny-full-mixture", "tiny", "qwen3", "quickstart", "full", "mixture", 1024, steps=3)]
+    return {"packed_1_5b": packed, "one_gpu_8b": big, "tiny": tiny}
+
+
+SHAPES = {"qwen2.5-1.5b": QWEN2_5_1_5B, "qwen3-8b": QWEN3_8B, "qwen2.5-7b": QWEN2_5_7B, "tiny": TINY}
+
+
+def command(name: str) -> list[str]:
+    exe = ROOT / ".venv" / "bin" / name
+    return [str(exe)] if exe.exists() else [name]
+
+
+def prep_layout(work: Path, layout: str, seq_len: int, rows: int, log) -> Path:
+    """Rows written by l2a-prep (reused when present: a rerun of the same settings resumes)."""
+    out = work / "data" / f"{layout}-{seq_len}"
+    chars = 3 * seq_len  # the built-in BPE takes about 3 characters per token of retrieval text
+    long_docs = ["type: retrieval", f"length: [{4 * chars}, {8 * chars}]"]
+    args = [f"output={out}", f"seq_len={seq_len}", f"max_tokens={rows * seq_len}", "workers=4",
+            f"tokenizer.train.cache_dir={work / 'tokenizers'}", "tokenizer.estimate_chars=200000",
+            "tokenizer.train.sample_chars=1000000", "~sources.code", "~sources.retrieval"]
+    n_long = max(4, rows // 3)
+    if layout == "long":
+        args += ["+sources.long={" + ", ".join(long_docs + [f"num_docs: {n_long}"]) + "}", "mixture=[long@1.0]"]
+    else:  # about 1K-8K tokens each
+        args += ["+sources.long={" + ", ".join(long_docs + [f"num_docs: {n_long}"]) + "}",
+                 "+sources.short={type: retrieval, num_docs: " + str(max(50, rows * seq_len // 2000)) +
+                 ", length: [3000, 24000], seed: 1}", "mixture=[long@0.5,short@0.5]"]
+    log(f"l2a-prep {layout} {seq_len}: {out}")
+    subprocess.run(command("l2a-prep") + ["prep=quickstart"] + args, check=True, cwd=ROOT,
+                   stdout=open(work / f"prep-{layout}-{seq_len}.log", "w"), stderr=subprocess.STDOUT)
+    return out
+
+
+def layout_stats(data: Path, seq_len: int) -> dict:
+    """Share of single-document rows and the median document length, from the prepared rows."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from l2a_train.data import PackedDataset
+
+    dataset = PackedDataset(str(data), seq_len=seq_len)
+    single, lengths = 0, []
+    for i in range(len(dataset)):
+        starts = [int(s) for s in dataset.row(i)[1]]
+        end = dataset.padding_start(i)
+        single += len(starts) == 1
+        bounds = [s for s in starts if s < end] + [end]
+        lengths += [b - a for a, b in zip(bounds, bounds[1:])]
+    return {"rows": len(dataset), "single_doc_rows": single / max(1, len(dataset)),
+            "median_doc_tokens": int(statistics.median(lengths)) if lengths else 0}
+
+
+def run_case(c: dict, data: Path, work: Path, warmup: int, timeout: int, log) -> dict:
+    run_root = work / "runs"
+    args = [f"experiment={c['experiment']}", f"model.family={c['family']}", "model.path=null",
+            f"model.config={SHAPES[c['model']]}", f"data.path={data}", *METHODS[c["method"]],
+            f"trainer.steps={c['steps']}", "trainer.warmup_steps=1", f"trainer.global_batch_size={c['batch']}",
+            "trainer.micro_batch_size=1", "trainer.save_every=0", "trainer.export_hf=false", "trainer.log_every=1",
+            "trainer.resume=never",
+            f"run_root={run_root}", f"name={c['name']}", *c["extra"]]
+    run_dir = run_root / c["name"]
+    metrics = run_dir / "metrics.jsonl"
+    log_path = work / f"{c['name']}.log"
+    log(f"l2a-train {c['name']}")
+    first_line = {}
+
+    def watch():  # when the first step's metrics appear
+        while "t" not in first_line and not first_line.get("done"):
+            if metrics.is_file() and metrics.stat().st_size > 0:
+                first_line["t"] = time.perf_counter()
+            time.sleep(0.2)
+
+    if metrics.exists():
+        metrics.unlink()
+    started = time.perf_counter()
+    threading.Thread(target=watch, daemon=True).start()
+    with open(log_path, "w") as out:
+        try:
+            rc = subprocess.run(command("l2a-train") + args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    first_line["done"] = True
+    text = log_path.read_text(errors="replace")
+    predicted = re.findall(r"\*\*predicted peak\*\* \| \*\*([0-9.]+)\*\*", text)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    records = [r for r in records if "tokens_per_s" in r]
+    timed = [r for r in records if r["step"] > warmup] or records
+    result = dict(c, rc=rc, steps_done=len(records), predicted_gib=float(predicted[-1]) if predicted else None)
+    if records:
+        result.update(
+            tokens_per_s=statistics.median(r["tokens_per_s"] for r in timed),
+            peak_gib=max(r["peak_mem_gib"] for r in records),
+            routed=records[-1]["routed_fraction"],
+            startup_s=(first_line["t"] - started - records[0]["step_time_s"]) if "t" in first_line else None,
+        )
+    if rc != 0:
+        lines = [ln for ln in text.splitlines() if ln.startswith("error:") or "Error" in ln]
+        result["error"] = (lines or text.splitlines()[-1:] or ["?"])[-1][:200]
+    return result
+
+
+def table(results: list[dict], layouts: dict) -> str:
+    full = {(r["model"], r["layout"], r["seq_len"]): r.get("tokens_per_s") for r in results if r["method"] == "full"}
+    lines = ["| case | model | rows | layout (single-document rows, median document) | attention | routed | tokens/s | "
+             "vs full | peak GiB (plan) | start-up s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        st = layouts.get((r["layout"], r["seq_len"]), {})
+        where = f"{r['layout']} ({st.get('single_doc_rows', 0):.0%}, {st.get('median_doc_tokens', 0)} tokens)"
+        if "tokens_per_s" not in r:
+            lines.append(f"| {r['name']} | {r['model']} | {r['seq_len'] // 1024}K | {where} | {r['method']} | - | "
+                         f"failed ({r['rc']}): {r.get('error', '')} | | | |")
+            continue
+        base = full.get((r["model"], r["layout"], r["seq_len"]))
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base and r["method"] != "full" else ""
+        plan = f" ({r['predicted_gib']:.1f})" if r.get("predicted_gib") is not None else ""
+        start = f"{r['startup_s']:.0f}" if r.get("startup_s") is not None else "-"
+        lines.append(f"| {r['name']} | {r['model']} | {r['seq_len'] // 1024}K | {where} | {r['method']} | "
+                     f"{r['routed']:.2f} | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_gib']:.1f}{plan} | {start} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", choices=sorted(suites()), required=True)
+    p.add_argument("--cases", default=None, help="comma-separated case names (default: the whole suite)")
+    p.add_argument("--work", type=Path, required=True, help="data, runs and logs go here")
+    p.add_argument("--warmup", type=int, default=1, help="steps left out of the median")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per l2a-train run")
+    p.add_argument("--out", type=Path, default=None, help="also write the table (.md) and results (.json) here")
+    args = p.parse_args(argv)
+    chosen = suites()[args.suite]
+    if args.cases:
+        names = args.cases.split(",")
+        unknown = sorted(set(names) - {c["name"] for c in chosen})
+        if unknown:
+            p.error(f"--cases: unknown {unknown}; the suite has {[c['name'] for c in chosen]}")
+        chosen = [c for c in chosen if c["name"] in names]
+    args.work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+
+    def log(msg):
+        print(f"[bench_trainer {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    data, layouts, results = {}, {}, []
+    for c in chosen:
+        key = (c["layout"], c["seq_len"])
+        if key not in data:
+            rows = max(c2["steps"] * c2["batch"] for c2 in chosen if (c2["layout"], c2["seq_len"]) == key) + 2
+            data[key] = prep_layout(args.work, c["layout"], c["seq_len"], rows, log)
+            layouts[key] = layout_stats(data[key], c["seq_len"])
+        results.append(run_case(c, data[key], args.work, args.warmup, args.timeout, log))
+        log(json.dumps({k: v for k, v in results[-1].items() if k not in ("extra",)}))
+    md = table(results, layouts)
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"bench_trainer_{args.suite}.md").write_text(md + "\n")
+        (args.out / f"bench_trainer_{args.suite}.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0 if all(r["rc"] == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
