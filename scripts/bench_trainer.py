@@ -77,10 +77,10 @@ def suites() -> dict[str, list[dict]]:
     packed.append(case("1.5b-learned-mixture-32k", "qwen2.5-1.5b", "qwen2", "qwen2_5_1_5b_32k", "learned", "mixture",
                        32768, steps=30, extra=["trainer.lr=1e-4"]))
     big = [
-        case("8b-l2a-128k", "qwen3-8b", "qwen3", "qwen3_8b_128k_1gpu", "l2a", "long", 131072, steps=3, batch=2),
-        case("8b-full-128k", "qwen3-8b", "qwen3", "qwen3_8b_128k_1gpu", "full", "long", 131072, steps=3, batch=2),
-        case("7b-l2a-128k", "qwen2.5-7b", "qwen2", "qwen2_5_7b_128k_1gpu", "l2a", "long", 131072, steps=3, batch=2),
-        case("8b-l2a-192k", "qwen3-8b", "qwen3", "qwen3_8b_128k_1gpu", "l2a", "long", 196608, steps=3, batch=2,
+        case("8b-l2a-128k", "qwen3-8b", "qwen3", "qwen3_8b_128k_1gpu", "l2a", "long", 131072, steps=3),
+        case("7b-l2a-128k", "qwen2.5-7b", "qwen2", "qwen2_5_7b_128k_1gpu", "l2a", "long", 131072, steps=3),
+        case("8b-full-128k", "qwen3-8b", "qwen3", "qwen3_8b_128k_1gpu", "full", "long", 131072, steps=3),
+        case("8b-l2a-192k", "qwen3-8b", "qwen3", "qwen3_8b_128k_1gpu", "l2a", "long", 196608, steps=3,
              extra=["model.max_position_embeddings=262144",
                     "+deepspeed.zero_optimization.offload_optimizer={device: cpu, pin_memory: true}"]),
     ]
@@ -237,12 +237,12 @@ def main(argv=None) -> int:
             layouts[key] = layout_stats(data[key], c["seq_len"])
         results.append(run_case(c, data[key], args.work, args.warmup, args.timeout, log))
         log(json.dumps({k: v for k, v in results[-1].items() if k not in ("extra",)}))
-    md = table(results, layouts)
+        md = table(results, layouts)
+        if args.out:  # after every case: a suite stopped by a time limit keeps what it measured
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"bench_trainer_{args.suite}.md").write_text(md + "\n")
+            (args.out / f"bench_trainer_{args.suite}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"bench_trainer_{args.suite}.md").write_text(md + "\n")
-        (args.out / f"bench_trainer_{args.suite}.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0 if all(r["rc"] == 0 for r in results) else 1
 
 
