@@ -17,6 +17,9 @@ QWEN3_8B = ("model.config={vocab_size: 151936, hidden_size: 4096, intermediate_s
 QWEN2_5_1_5B = ("model.config={vocab_size: 151936, hidden_size: 1536, intermediate_size: 8960, num_hidden_layers: 28, "
                 "num_attention_heads: 12, num_key_value_heads: 2, max_position_embeddings: 131072, "
                 "rope_theta: 5000000.0, rms_norm_eps: 1.0e-6, tie_word_embeddings: true}")
+QWEN2_5_7B = ("model.config={vocab_size: 152064, hidden_size: 3584, intermediate_size: 18944, num_hidden_layers: 28, "
+              "num_attention_heads: 28, num_key_value_heads: 4, max_position_embeddings: 262144, "
+              "rope_theta: 5000000.0, rms_norm_eps: 1.0e-6, tie_word_embeddings: false}")
 QWEN2_5_7B_4_LAYERS = ("model.config={vocab_size: 152064, hidden_size: 3584, intermediate_size: 18944, "
                        "num_hidden_layers: 4, num_attention_heads: 28, num_key_value_heads: 4, "
                        "max_position_embeddings: 131072, rope_theta: 1000000.0, rms_norm_eps: 1.0e-6, "
@@ -65,10 +68,13 @@ def test_plan_over_the_device_stops_before_the_model_with_one_line(tmp_path, dat
 
 
 @pytest.mark.parametrize("name, overrides, seq_len, measured_gib", [
-    # both measured with l2a-train on one H200 (docs/BENCHMARKS.md, "Memory plan")
+    # each measured with l2a-train on one H200 (docs/BENCHMARKS.md, "Memory plan")
     ("Qwen2.5-1.5B, 32K, attention outputs kept", ["experiment=qwen2_5_1_5b_32k", QWEN2_5_1_5B], 32768, 19.06),
     ("Qwen2.5-7B shape with 4 layers, 128K", ["experiment=qwen2_5_1_5b_32k", "model=qwen2_5_7b", QWEN2_5_7B_4_LAYERS,
                                               "trainer.keep_attention_outputs=false"], 131072, 36.1),
+    ("Qwen3-8B shape, L2A, 128K", ["experiment=qwen3_8b_128k_1gpu", QWEN3_8B, "l2a=random"], 131072, 113.4),
+    ("Qwen3-8B shape, full attention, 128K", ["experiment=qwen3_8b_128k_1gpu", QWEN3_8B, "l2a=full"], 131072, 86.9),
+    ("Qwen2.5-7B shape, L2A, 128K", ["experiment=qwen2_5_7b_128k_1gpu", QWEN2_5_7B, "l2a=random"], 131072, 84.7),
 ])
 def test_plan_within_ten_percent_of_measured_peaks(name, overrides, seq_len, measured_gib):
     from l2a_configs import compose
