@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
-import os
 from typing import Optional
 
 import torch
 
-from . import reference
+from . import _triton_attn, reference
+from .plan import HEAD_DIMS, KernelConfig, LaunchPlan, default_plan
 
-__all__ = ["conditional_attention", "sliding_window_attention"]
+__all__ = ["ATTENTION_FORWARD_OP", "INTERPRETED", "conditional_attention", "sliding_window_attention"]
 
-_HEAD_DIMS = (16, 32, 64, 128)
+# Whether the kernels run in the Triton interpreter (TRITON_INTERPRET=1 when l2a_kernels was
+# first imported; see _triton_attn) instead of compiled for the GPU.
+INTERPRETED = _triton_attn.INTERPRETED
 
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _kernels():
-    """The Triton kernel module, (re)imported to match TRITON_INTERPRET as it is now.
-
-    Triton decides at decoration time whether a kernel is compiled or interpreted, so a test
-    that sets the variable after some other code imported the module still gets interpreted
-    kernels (and vice versa).
-    """
-    mod = importlib.import_module("l2a_kernels._triton_attn")
-    if mod.INTERPRETED != _interpret():
-        mod = importlib.reload(mod)
-    return mod
+# Name of the registered operator that launches the forward kernel. Selective activation
+# checkpointing sees operators, not Python calls: a checkpoint policy that lists this one keeps
+# the attention outputs instead of recomputing them (l2a_train.model.checkpointing does).
+ATTENTION_FORWARD_OP = "l2a_kernels::attention_forward"
 
 
 # ----------------------------------------------------------------------------- validation
@@ -84,8 +73,8 @@ def _check_cu_seqlens(cu_seqlens, T, device):
 
 def _check_common(q, k, v, cu_seqlens, scale):
     _check_qkv(q, k, v)
-    if q.shape[2] not in _HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {_HEAD_DIMS}, got {q.shape[2]}")
+    if q.shape[2] not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {q.shape[2]}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     cu = _check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
@@ -94,7 +83,19 @@ def _check_common(q, k, v, cu_seqlens, scale):
 
 
 def _use_triton(q) -> bool:
-    return q.is_cuda or _interpret()
+    return q.is_cuda or INTERPRETED
+
+
+def _plan(plan, q) -> LaunchPlan:
+    """The plan to launch with: the one passed, else the default for q's head dim."""
+    if plan is None:
+        return default_plan(q.shape[2], INTERPRETED)
+    if not isinstance(plan, LaunchPlan):
+        raise TypeError(f"plan must be an l2a_kernels.LaunchPlan or None, got {type(plan).__name__}")
+    if not _use_triton(q):
+        raise ValueError("plan= applies to the Triton kernels, which do not run on CPU tensors here: pass "
+                         "CUDA tensors, or set TRITON_INTERPRET=1 before importing l2a_kernels")
+    return plan
 
 
 def _doc_bounds(cu, T, device):
@@ -113,19 +114,21 @@ def _last_dim_contiguous(t):
 # ----------------------------------------------------------------------------- autograd
 
 
-# The forward kernel launch is a registered operator (not a plain Python call) so that selective
-# activation checkpointing can keep its outputs instead of recomputing them: a checkpoint policy
-# sees operators, and `l2a_train.model.checkpointing` lists this one among those it saves.
-@torch.library.custom_op("l2a_kernels::attention_forward", mutates_args=())
+# The forward kernel launch is a registered operator (ATTENTION_FORWARD_OP), not a plain
+# Python call. `launch` is the forward's part of the LaunchPlan as integers (an operator takes
+# no Python objects): block_m, block_n, num_warps, num_stages, fwd_kv_tma.
+@torch.library.custom_op(ATTENTION_FORWARD_OP, mutates_args=())
 def _attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Optional[torch.Tensor], docstart: torch.Tensor,
-    window: Optional[int], scale: float,
+    window: Optional[int], scale: float, launch: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().forward(q, k, v, pos, docstart, window, scale)
+    block_m, block_n, num_warps, num_stages, kv_tma = launch
+    config = KernelConfig(block_m, block_n, num_warps, num_stages)
+    return _triton_attn.forward(q, k, v, pos, docstart, window, scale, config, bool(kv_tma))
 
 
 @_attention_forward.register_fake
-def _(q, k, v, pos, docstart, window, scale):
+def _(q, k, v, pos, docstart, window, scale, launch):
     n = q.shape[0] if pos is None else pos.shape[0]
     return torch.empty_like(q), q.new_empty((n, q.shape[1]), dtype=torch.float32)
 
@@ -136,28 +139,30 @@ class _Attention(torch.autograd.Function):
     forward of conditional_attention."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pos, grad_pos, docstart, docend, window, scale):
+    def forward(ctx, q, k, v, pos, grad_pos, docstart, docend, window, scale, plan):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        out, lse = torch.ops.l2a_kernels.attention_forward(q, k, v, pos, docstart, window, scale)
+        cfg = plan.fwd
+        launch = [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, int(plan.fwd_kv_tma)]
+        out, lse = _attention_forward(q, k, v, pos, docstart, window, scale, launch)
         if pos is None and grad_pos is not None:
             lse = lse.index_select(0, grad_pos)
         ctx.save_for_backward(q, k, v, out, lse, grad_pos, docstart, docend)
-        ctx.window, ctx.scale = window, scale
+        ctx.window, ctx.scale, ctx.plan = window, scale, plan
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, grad_pos, docstart, docend = ctx.saved_tensors
-        dq, dk, dv = _kernels().backward(
-            _last_dim_contiguous(dout), q, k, v, out, lse, grad_pos, docstart, docend, ctx.window, ctx.scale
+        dq, dk, dv = _triton_attn.backward(
+            _last_dim_contiguous(dout), q, k, v, out, lse, grad_pos, docstart, docend, ctx.window, ctx.scale, ctx.plan
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public ops
 
 
-def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None, dense_forward=False):
+def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None, dense_forward=False, plan=None):
     """Query-sparse causal attention with documents and native grouped-query attention.
 
     Args:
@@ -172,15 +177,17 @@ def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None, dense_
             query-sparse backward does. Exact when the caller multiplies the output by the 0/1
             route, which L2A does (out * d): the other rows' gradient is then zero anyway. The
             backward then costs ~density x that of causal attention instead of 1x.
+        plan: the kernels' LaunchPlan (l2a_kernels.plan), default `default_plan(D, INTERPRETED)`.
 
     Returns:
         out [T, HQ, D] in q's dtype: for a routed token, causal attention over the earlier keys
         (itself included) of its own document; exactly 0 for every other token. Differentiable
         with respect to q, k, v (route and cu_seqlens get no gradient).
 
-    Runs the Triton kernels on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1.
-    CPU tensors without the interpreter fall back, explicitly, to the float32 PyTorch
-    reference (l2a_kernels.reference), which is what the model uses on CPU. Each call syncs
+    Runs the Triton kernels on CUDA tensors, and on CPU tensors when the kernels run
+    interpreted (INTERPRETED: TRITON_INTERPRET=1 when l2a_kernels was first imported). CPU
+    tensors without the interpreter fall back, explicitly, to the float32 PyTorch reference
+    (l2a_kernels.reference), which is what the model uses on CPU. Each call syncs
     with the host once to validate cu_seqlens and once to count the routed tokens.
     """
     cu, scale = _check_common(q, k, v, cu_seqlens, scale)
@@ -191,21 +198,22 @@ def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None, dense_
         raise ValueError(f"route must have shape [T] = [{T}], got {tuple(route.shape)}")
     if route.dtype != torch.bool:
         raise TypeError(f"route must be a bool tensor, got {route.dtype}")
+    plan = _plan(plan, q)
     if not _use_triton(q):
         return reference.conditional_attention(q, k, v, route, cu_seqlens=cu, scale=scale, dense_forward=dense_forward)
     route = route.to(q.device)
     # compaction: stable order, original positions kept for the masks
     pos = torch.nonzero(route).squeeze(1).to(torch.int32)
     docstart, docend = _doc_bounds(cu, T, q.device)
-    return _Attention.apply(q, k, v, None if dense_forward else pos, pos, docstart, docend, None, scale)
+    return _Attention.apply(q, k, v, None if dense_forward else pos, pos, docstart, docend, None, scale, plan)
 
 
-def sliding_window_attention(q, k, v, window, *, cu_seqlens=None, scale=None):
+def sliding_window_attention(q, k, v, window, *, cu_seqlens=None, scale=None, plan=None):
     """Causal sliding-window attention with documents and native grouped-query attention.
 
     Each token attends to the last `window` keys of its own document, itself included
     (window=1: only itself; window >= T: full causal attention). Shapes, dtypes, cu_seqlens,
-    scale and the CPU fallback as in conditional_attention. Uses the same Triton kernels
+    scale, plan and the CPU fallback as in conditional_attention. Uses the same Triton kernels
     with compaction off and the window bound on the key loops (measured against
     FlexAttention in docs/BENCHMARKS.md).
     """
@@ -213,8 +221,9 @@ def sliding_window_attention(q, k, v, window, *, cu_seqlens=None, scale=None):
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     T = q.shape[0]
+    plan = _plan(plan, q)
     if not _use_triton(q):
         return reference.sliding_window_attention(q, k, v, window, cu_seqlens=cu, scale=scale)
     docstart, docend = _doc_bounds(cu, T, q.device)
     window = int(window)
-    return _Attention.apply(q, k, v, None, None, docstart, docend, window if window < T else None, scale)
+    return _Attention.apply(q, k, v, None, None, docstart, docend, window if window < T else None, scale, plan)
