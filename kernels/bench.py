@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton_attn, reference
-from .ops import conditional_attention, sliding_window_attention
+from .ops import conditional_attention, document_bounds, routed_tokens, sliding_window_attention
 from .plan import KernelConfig, default_plan
 
 
@@ -236,9 +236,9 @@ def tune(HQ, H, D, T, frac, budget_ms=150.0):
     key = 64 if D <= 64 else 128
     q, k, v = _inputs(T, HQ, H, D, grad=False)
     route = _route(T, frac)
-    pos = torch.nonzero(route).squeeze(1).to(torch.int32)
-    docstart = torch.zeros(T, dtype=torch.int32, device=q.device)  # one document
-    docend = torch.full((T,), T, dtype=torch.int32, device=q.device)
+    pos = routed_tokens(route).positions
+    docs = document_bounds(None, T, q.device)  # one document
+    docstart, docend = docs.docstart, docs.docend
     scale = 1.0 / math.sqrt(D)
     do = torch.randn_like(q)
     plan = default_plan(D, interpreted=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -11,7 +12,10 @@ import torch
 from . import _triton_attn, reference
 from .plan import HEAD_DIMS, KernelConfig, LaunchPlan, default_plan
 
-__all__ = ["ATTENTION_FORWARD_OP", "INTERPRETED", "conditional_attention", "sliding_window_attention"]
+__all__ = [
+    "ATTENTION_FORWARD_OP", "INTERPRETED", "DocumentBounds", "RoutedTokens", "conditional_attention", "document_bounds",
+    "routed_tokens", "sliding_window_attention",
+]
 
 # Whether the kernels run in the Triton interpreter (TRITON_INTERPRET=1 when l2a_kernels was
 # first imported; see _triton_attn) instead of compiled for the GPU.
@@ -71,15 +75,40 @@ def _check_cu_seqlens(cu_seqlens, T, device):
     return cu
 
 
-def _check_common(q, k, v, cu_seqlens, scale):
+def _check_common(q, k, v, cu_seqlens, documents, scale) -> tuple["DocumentBounds", float]:
+    """The validated document bounds (from cu_seqlens: one host sync; from documents: none)
+    and the scale."""
     _check_qkv(q, k, v)
     if q.shape[2] not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {q.shape[2]}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
-    cu = _check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
+    T = q.shape[0]
+    if documents is None:
+        documents = document_bounds(cu_seqlens, T, q.device)
+    elif cu_seqlens is not None:
+        raise ValueError("pass cu_seqlens or documents, not both (documents = document_bounds(cu_seqlens, T, device))")
+    elif not isinstance(documents, DocumentBounds):
+        raise TypeError(f"documents must be an l2a_kernels.DocumentBounds, got {type(documents).__name__}")
+    elif documents.length != T or documents.docstart.device != q.device:
+        raise ValueError(f"documents were made for {documents.length} tokens on {documents.docstart.device}, "
+                         f"q has T = {T} on {q.device}")
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
-    return cu, scale
+    return documents, scale
+
+
+def _check_route(route, T, device) -> "RoutedTokens":
+    """RoutedTokens from a bool route (one host sync: the routed count) or as passed."""
+    if isinstance(route, RoutedTokens):
+        if route.mask.shape != (T,) or route.mask.device != device:
+            raise ValueError(f"route (RoutedTokens) was made for {tuple(route.mask.shape)} tokens on "
+                             f"{route.mask.device}, q has T = {T} on {device}")
+        return route
+    if not isinstance(route, torch.Tensor):
+        raise TypeError(f"route must be a torch.Tensor or l2a_kernels.RoutedTokens, got {type(route).__name__}")
+    if route.shape != (T,):
+        raise ValueError(f"route must have shape [T] = [{T}], got {tuple(route.shape)}")
+    return routed_tokens(route.to(device))
 
 
 def _use_triton(q) -> bool:
@@ -98,13 +127,62 @@ def _plan(plan, q) -> LaunchPlan:
     return plan
 
 
-def _doc_bounds(cu, T, device):
-    """Per-token document start and end, int32 [T] each."""
+# ----------------------------------------------------------------------------- prepared inputs
+
+
+@dataclass(frozen=True)
+class DocumentBounds:
+    """The validated documents of a packed sequence of `length` tokens, with each token's
+    document start and end as the kernels read them. Made by `document_bounds` (one host sync
+    to validate) and then passed as `documents=` to any number of op calls, which neither
+    validate nor compute them again (a model makes one per forward)."""
+
+    cu_seqlens: Optional[torch.Tensor]  # int32 [num_docs + 1], or None: one document
+    docstart: torch.Tensor  # int32 [length]
+    docend: torch.Tensor  # int32 [length]
+    length: int
+
+
+def document_bounds(cu_seqlens: Optional[torch.Tensor], length: int, device) -> DocumentBounds:
+    """Validates cu_seqlens for a sequence of `length` tokens (one host sync; none for None,
+    one document) and computes the per-token document bounds on `device`."""
+    cu = _check_cu_seqlens(cu_seqlens, length, device)
     if cu is None:
-        return (torch.zeros(T, dtype=torch.int32, device=device),
-                torch.full((T,), T, dtype=torch.int32, device=device))
-    doc = torch.searchsorted(cu, torch.arange(T, dtype=torch.int32, device=device), right=True) - 1
-    return cu[doc].contiguous(), cu[doc + 1].contiguous()
+        docstart = torch.zeros(length, dtype=torch.int32, device=device)
+        docend = torch.full((length,), length, dtype=torch.int32, device=device)
+    else:
+        doc = torch.searchsorted(cu, torch.arange(length, dtype=torch.int32, device=device), right=True) - 1
+        docstart, docend = cu[doc].contiguous(), cu[doc + 1].contiguous()
+    return DocumentBounds(cu_seqlens=cu, docstart=docstart, docend=docend, length=length)
+
+
+@dataclass(frozen=True)
+class RoutedTokens:
+    """A route and the positions of its routed tokens, in order, for `conditional_attention`.
+    Made by `routed_tokens` (one host sync: the compact kernels size their launch by the count)
+    or `RoutedTokens.every` (no sync), so a caller that needs the same route again (activation
+    checkpointing recomputes a layer) can keep it instead of paying the sync twice."""
+
+    mask: torch.Tensor  # bool [T]
+    positions: torch.Tensor  # int32 [number routed], increasing
+
+    @classmethod
+    def every(cls, length: int, device) -> "RoutedTokens":
+        """Every token routed."""
+        return cls(mask=torch.ones(length, dtype=torch.bool, device=device),
+                   positions=torch.arange(length, dtype=torch.int32, device=device))
+
+
+def routed_tokens(route: torch.Tensor) -> RoutedTokens:
+    """RoutedTokens of a bool [T] route (one host sync)."""
+    if not isinstance(route, torch.Tensor):
+        raise TypeError(f"route must be a torch.Tensor, got {type(route).__name__}")
+    if route.dim() != 1:
+        raise ValueError(f"route must have shape [T], got {tuple(route.shape)}")
+    if route.dtype != torch.bool:
+        raise TypeError(f"route must be a bool tensor, got {route.dtype}")
+    # compaction: stable order, original positions kept for the masks
+    return RoutedTokens(mask=route, positions=torch.nonzero(route).squeeze(1).to(torch.int32))
 
 
 def _last_dim_contiguous(t):
@@ -162,15 +240,19 @@ class _Attention(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public ops
 
 
-def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None, dense_forward=False, plan=None):
+def conditional_attention(q, k, v, route, *, cu_seqlens=None, documents=None, scale=None, dense_forward=False,
+                          plan=None):
     """Query-sparse causal attention with documents and native grouped-query attention.
 
     Args:
         q: [T, HQ, D] queries; k, v: [T, H, D] keys and values, HQ a multiple of H.
             float16 / bfloat16 (float32 accepted: exact dots, slower). D in 16, 32, 64, 128.
-        route: bool [T], one decision per token shared by all heads.
+        route: bool [T], one decision per token shared by all heads, or the `RoutedTokens` of
+            one (`routed_tokens(route)`, made once for several calls).
         cu_seqlens: int32 [num_docs + 1] document boundaries, 0 first, T last, non-decreasing
             (empty documents allowed); None means one document.
+        documents: instead of cu_seqlens, its `DocumentBounds` (`document_bounds(cu_seqlens,
+            T, device)`, made once for several calls).
         scale: softmax scale, default 1 / sqrt(D).
         dense_forward: L2A's dense path. The forward computes causal attention for every token
             (no zeros), the backward propagates only the routed tokens' output gradient, as the
@@ -187,43 +269,38 @@ def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None, dense_
     Runs the Triton kernels on CUDA tensors, and on CPU tensors when the kernels run
     interpreted (INTERPRETED: TRITON_INTERPRET=1 when l2a_kernels was first imported). CPU
     tensors without the interpreter fall back, explicitly, to the float32 PyTorch reference
-    (l2a_kernels.reference), which is what the model uses on CPU. Each call syncs
-    with the host once to validate cu_seqlens and once to count the routed tokens.
+    (l2a_kernels.reference), which is what the model uses on CPU. Host syncs: one to validate
+    cu_seqlens (none with documents=), one to count the routed tokens of a bool route (none
+    with RoutedTokens).
     """
-    cu, scale = _check_common(q, k, v, cu_seqlens, scale)
-    T = q.shape[0]
-    if not isinstance(route, torch.Tensor):
-        raise TypeError(f"route must be a torch.Tensor, got {type(route).__name__}")
-    if route.shape != (T,):
-        raise ValueError(f"route must have shape [T] = [{T}], got {tuple(route.shape)}")
-    if route.dtype != torch.bool:
-        raise TypeError(f"route must be a bool tensor, got {route.dtype}")
+    docs, scale = _check_common(q, k, v, cu_seqlens, documents, scale)
+    tokens = _check_route(route, q.shape[0], q.device)
     plan = _plan(plan, q)
     if not _use_triton(q):
-        return reference.conditional_attention(q, k, v, route, cu_seqlens=cu, scale=scale, dense_forward=dense_forward)
-    route = route.to(q.device)
-    # compaction: stable order, original positions kept for the masks
-    pos = torch.nonzero(route).squeeze(1).to(torch.int32)
-    docstart, docend = _doc_bounds(cu, T, q.device)
-    return _Attention.apply(q, k, v, None if dense_forward else pos, pos, docstart, docend, None, scale, plan)
+        return reference.conditional_attention(q, k, v, tokens.mask, cu_seqlens=docs.cu_seqlens, scale=scale,
+                                               dense_forward=dense_forward)
+    pos = tokens.positions
+    return _Attention.apply(q, k, v, None if dense_forward else pos, pos, docs.docstart, docs.docend, None, scale,
+                            plan)
 
 
-def sliding_window_attention(q, k, v, window, *, cu_seqlens=None, scale=None, plan=None):
+def sliding_window_attention(q, k, v, window, *, cu_seqlens=None, documents=None, scale=None, plan=None):
     """Causal sliding-window attention with documents and native grouped-query attention.
 
     Each token attends to the last `window` keys of its own document, itself included
-    (window=1: only itself; window >= T: full causal attention). Shapes, dtypes, cu_seqlens,
-    scale, plan and the CPU fallback as in conditional_attention. Uses the same Triton kernels
+    (window=1: only itself; window >= T: full causal attention). Shapes, dtypes, cu_seqlens or
+    documents, scale, plan and the CPU fallback as in conditional_attention (no host sync with
+    documents=). Uses the same Triton kernels
     with compaction off and the window bound on the key loops (measured against
     FlexAttention in docs/BENCHMARKS.md).
     """
-    cu, scale = _check_common(q, k, v, cu_seqlens, scale)
+    docs, scale = _check_common(q, k, v, cu_seqlens, documents, scale)
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     T = q.shape[0]
     plan = _plan(plan, q)
     if not _use_triton(q):
-        return reference.sliding_window_attention(q, k, v, window, cu_seqlens=cu, scale=scale)
-    docstart, docend = _doc_bounds(cu, T, q.device)
+        return reference.sliding_window_attention(q, k, v, window, cu_seqlens=docs.cu_seqlens, scale=scale)
     window = int(window)
-    return _Attention.apply(q, k, v, None, None, docstart, docend, window if window < T else None, scale, plan)
+    return _Attention.apply(q, k, v, None, None, docs.docstart, docs.docend, window if window < T else None, scale,
+                            plan)

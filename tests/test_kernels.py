@@ -266,6 +266,77 @@ def test_cpu_without_interpreter_falls_back_to_reference():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("dense_forward", [False, True], ids=["sparse", "dense-forward"])
+def test_prepared_inputs_give_the_same_results_without_host_reads(monkeypatch, dense_forward):
+    """documents= (DocumentBounds) and a RoutedTokens route give exactly the results of
+    cu_seqlens and a bool route, and the calls then read nothing on the host (the bool route
+    and cu_seqlens cost one read each: the routed count, the validation)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    T, HQ, H, D = 70, 4, 2, 16
+    q, k, v, do = _inputs(T, HQ, H, D, torch.float32, seed=31)
+    route = torch.rand(T, generator=torch.Generator().manual_seed(32)) < 0.4
+    cu = torch.tensor([0, 25, 25, 70], dtype=torch.int32)
+    reads = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default):
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or tolist(t))
+
+    def run(f):
+        reads.clear()
+        with Reads():
+            got = _grads(f, q, k, v, do)
+        return got, len(reads)
+
+    docs = l2a_kernels.document_bounds(cu, T, q.device)
+    tokens = l2a_kernels.routed_tokens(route)
+    assert torch.equal(tokens.positions, torch.nonzero(route).squeeze(1).int()) and tokens.mask is route
+    assert torch.equal(docs.docstart, reference.doc_starts(cu, T, "cpu").int())
+    raw, n_raw = run(lambda *a: l2a_kernels.conditional_attention(*a, route, cu_seqlens=cu,
+                                                                  dense_forward=dense_forward))
+    prepared, n_prepared = run(lambda *a: l2a_kernels.conditional_attention(*a, tokens, documents=docs,
+                                                                            dense_forward=dense_forward))
+    assert (n_raw, n_prepared) == (2, 0)
+    for a, b in zip(raw, prepared):
+        assert torch.equal(a, b)
+    raw, n_raw = run(lambda *a: l2a_kernels.sliding_window_attention(*a, 9, cu_seqlens=cu))
+    prepared, n_prepared = run(lambda *a: l2a_kernels.sliding_window_attention(*a, 9, documents=docs))
+    assert (n_raw, n_prepared) == (1, 0)
+    for a, b in zip(raw, prepared):
+        assert torch.equal(a, b)
+    every = l2a_kernels.RoutedTokens.every(T, q.device)
+    ones = torch.ones(T, dtype=torch.bool)
+    assert torch.equal(l2a_kernels.conditional_attention(q, k, v, every, documents=docs),
+                       l2a_kernels.conditional_attention(q, k, v, ones, cu_seqlens=cu))
+
+
+def test_prepared_inputs_bad_input():
+    q, k, v, route = _good()
+    T = q.shape[0]
+    cu = torch.tensor([0, 5, T], dtype=torch.int32)
+    docs = l2a_kernels.document_bounds(cu, T, q.device)
+    with pytest.raises(ValueError, match="pass cu_seqlens or documents, not both"):
+        l2a_kernels.conditional_attention(q, k, v, route, cu_seqlens=cu, documents=docs)
+    with pytest.raises(TypeError, match="documents must be an l2a_kernels.DocumentBounds"):
+        l2a_kernels.sliding_window_attention(q, k, v, 3, documents=cu)
+    with pytest.raises(ValueError, match="documents were made for 8 tokens"):
+        l2a_kernels.conditional_attention(q, k, v, route, documents=l2a_kernels.document_bounds(None, 8, q.device))
+    with pytest.raises(ValueError, match="route \\(RoutedTokens\\) was made for \\(8,\\) tokens"):
+        l2a_kernels.conditional_attention(q, k, v, l2a_kernels.routed_tokens(route[:8]))
+    with pytest.raises(ValueError, match="cu_seqlens must end at T"):
+        l2a_kernels.document_bounds(cu, T + 1, q.device)
+    with pytest.raises(TypeError, match="route must be a bool tensor"):
+        l2a_kernels.routed_tokens(route.int())
+    with pytest.raises(ValueError, match="route must have shape"):
+        l2a_kernels.routed_tokens(route[None])
+
+
 def test_reference_is_memory_aware():
     """A 4096-token reference forward+backward must not hold [HQ, T, T] scores."""
     T, HQ, H, D = 4096, 8, 2, 16
@@ -336,12 +407,29 @@ def test_sliding_window_bad_cu_seqlens():
 
 def test_public_api():
     assert set(l2a_kernels.__all__) == {"conditional_attention", "sliding_window_attention", "reference", "LaunchPlan",
-                                        "KernelConfig", "default_plan", "INTERPRETED", "ATTENTION_FORWARD_OP"}
+                                        "KernelConfig", "default_plan", "INTERPRETED", "ATTENTION_FORWARD_OP",
+                                        "DocumentBounds", "document_bounds", "RoutedTokens", "routed_tokens"}
     assert callable(l2a_kernels.reference.conditional_attention)
     assert callable(l2a_kernels.reference.sliding_window_attention)
     assert callable(l2a_kernels.reference.attention)
     namespace, name = l2a_kernels.ATTENTION_FORWARD_OP.split("::")
     assert getattr(getattr(torch.ops, namespace), name).default is not None
+
+
+def test_the_folder_imported_as_kernels_is_the_same_package(monkeypatch):
+    """With the repository root on sys.path the folder is also importable as `kernels` (and
+    transformers imports that name to probe for Hugging Face's package): it must re-export
+    l2a_kernels, not load a second copy of its modules (a second registration of the operator)."""
+    import importlib
+    from pathlib import Path
+
+    root = Path(l2a_kernels.__file__).resolve().parent.parent
+    monkeypatch.syspath_prepend(str(root))
+    mod = importlib.import_module("kernels")
+    assert Path(mod.__file__).resolve().parent == root / "kernels"
+    assert mod.conditional_attention is l2a_kernels.conditional_attention
+    assert mod.reference is l2a_kernels.reference
+    assert not [name for name in sys.modules if name.startswith("kernels.")]
 
 
 @pytest.mark.parametrize("cu", [None, [0, 41, 90]])
