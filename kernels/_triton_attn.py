@@ -30,15 +30,13 @@ interpreter (tests/conftest.py does so on machines without CUDA).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from .plan import KernelConfig, LaunchPlan
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 
 # Integer arguments that count routed rows or tokens (n_rows, n_comp, T) change with every
@@ -65,6 +63,10 @@ def _lower_bound(ptr, n, value, COMPACT: tl.constexpr):
         return lo
     else:
         return tl.minimum(tl.maximum(value, 0), n)
+
+
+# The mode Triton chose when it decorated this module's kernels (TRITON_INTERPRET=1: interpreted).
+INTERPRETED = not isinstance(_lower_bound, JITFunction)
 
 
 # ----------------------------------------------------------------------------- forward
