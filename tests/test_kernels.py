@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -38,6 +39,11 @@ def interpreter():
     assert isinstance(tl.zeros, InterpretedFunction)
     for kernel in (_triton_attn._fwd_kernel, _triton_attn._bwd_dq_kernel, _triton_attn._bwd_dkdv_kernel):
         assert isinstance(kernel, InterpretedFunction), kernel
+
+
+def _slug(text):
+    """A test id from an expected error message."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
 
 def _inputs(T, HQ, H, D, dtype, seed=0):
@@ -167,7 +173,7 @@ def test_default_plans():
         p64.dkdv_tma = False
 
 
-@pytest.mark.parametrize("make,exc,match", [
+BAD_PLANS = [
     (lambda: KernelConfig(24, 16, 1, 1), ValueError, "block_m must be a power of two"),
     (lambda: KernelConfig(16, 8, 1, 1), ValueError, "block_n must be a power of two"),
     (lambda: KernelConfig(16, 16, 3, 1), ValueError, "num_warps"),
@@ -175,7 +181,10 @@ def test_default_plans():
     (lambda: LaunchPlan(fwd=(16, 16, 1, 1), dq=_SMALL, dkdv=_SMALL), TypeError, "LaunchPlan.fwd must be a KernelConfig"),
     (lambda: LaunchPlan(fwd=_SMALL, dq=_SMALL, dkdv=_SMALL, dkdv_tma=1), TypeError, "dkdv_tma must be a bool"),
     (lambda: default_plan(24, interpreted=False), ValueError, "head_dim must be one of"),
-])
+]
+
+
+@pytest.mark.parametrize("make,exc,match", BAD_PLANS, ids=[_slug(match) for _, _, match in BAD_PLANS])
 def test_bad_plans(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
@@ -355,28 +364,28 @@ def _good(T=16, HQ=4, H=2, D=16):
     return q, k, v, torch.ones(T, dtype=torch.bool)
 
 
-@pytest.mark.parametrize(
-    "mutate,exc,match",
-    [
-        (lambda a: a.update(k=a["k"][:, :1].repeat(1, 3, 1), v=a["v"][:, :1].repeat(1, 3, 1)), ValueError,
-         "multiple of k/v heads"),
-        (lambda a: a.update(v=a["v"][:8]), ValueError, "k and v must have the same shape"),
-        (lambda a: a.update(k=a["k"][:8], v=a["v"][:8]), ValueError, "same length T"),
-        (lambda a: a.update(k=a["k"][..., :8], v=a["v"][..., :8]), ValueError, "same head_dim"),
-        (lambda a: a.update(v=a["v"].half()), TypeError, "share a dtype"),
-        (lambda a: a.update(q=a["q"][0]), ValueError, "q must have shape"),
-        (lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), TypeError, "dtype"),
-        (lambda a: a.update(route=a["route"][:5]), ValueError, "route must have shape"),
-        (lambda a: a.update(route=a["route"].int()), TypeError, "route must be a bool"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([1, 16], dtype=torch.int32)), ValueError, "start at 0"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([0, 10, 15], dtype=torch.int32)), ValueError, "end at T"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([0, 10, 5, 16], dtype=torch.int32)), ValueError,
-         "non-decreasing"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([0.0, 16.0])), TypeError, "cu_seqlens must be int32"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([[0, 16]], dtype=torch.int32)), ValueError, "1-D"),
-        (lambda a: a.update(scale=-1.0), ValueError, "scale"),
-    ],
-)
+BAD_INPUTS = [
+    (lambda a: a.update(k=a["k"][:, :1].repeat(1, 3, 1), v=a["v"][:, :1].repeat(1, 3, 1)), ValueError,
+     "multiple of k/v heads"),
+    (lambda a: a.update(v=a["v"][:8]), ValueError, "k and v must have the same shape"),
+    (lambda a: a.update(k=a["k"][:8], v=a["v"][:8]), ValueError, "same length T"),
+    (lambda a: a.update(k=a["k"][..., :8], v=a["v"][..., :8]), ValueError, "same head_dim"),
+    (lambda a: a.update(v=a["v"].half()), TypeError, "share a dtype"),
+    (lambda a: a.update(q=a["q"][0]), ValueError, "q must have shape"),
+    (lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), TypeError, "dtype"),
+    (lambda a: a.update(route=a["route"][:5]), ValueError, "route must have shape"),
+    (lambda a: a.update(route=a["route"].int()), TypeError, "route must be a bool"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([1, 16], dtype=torch.int32)), ValueError, "start at 0"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0, 10, 15], dtype=torch.int32)), ValueError, "end at T"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0, 10, 5, 16], dtype=torch.int32)), ValueError,
+     "non-decreasing"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0.0, 16.0])), TypeError, "cu_seqlens must be int32"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([[0, 16]], dtype=torch.int32)), ValueError, "1-D"),
+    (lambda a: a.update(scale=-1.0), ValueError, "scale"),
+]
+
+
+@pytest.mark.parametrize("mutate,exc,match", BAD_INPUTS, ids=[_slug(match) for _, _, match in BAD_INPUTS])
 def test_conditional_bad_input(mutate, exc, match):
     q, k, v, route = _good()
     a = dict(q=q, k=k, v=v, route=route, cu_seqlens=None, scale=None)
