@@ -16,23 +16,27 @@ rows that see all of it (pos >= n_last, pos < doc_end(n0), pos < n0 + W).
 
 Softmax runs in base 2 (scale * log2(e) folded into the scores); LSE is saved per row in
 those units, [num_compact, HQ] float32, for the backward. delta = rowsum(dO * O) is computed
-by the dQ kernel (which loads O and dO anyway) and then read by the dK/dV kernel; the backwards
-without a dQ kernel (DQ_MODE 1, 2 below) compute it in a small preprocess kernel.
+by the dQ kernel (which loads O and dO anyway) and then read by the dK/dV kernel.
 
-Triton reads TRITON_INTERPRET when a kernel is decorated, so this module must be imported
-(or reloaded, see ops._kernels) after the variable is set; INTERPRETED records the mode.
+Launch configs and variant switches come from a `LaunchPlan` (l2a_kernels.plan), passed to
+`forward` and `backward` by the ops.
+
+Interpreted or compiled: Triton decides when a kernel is decorated, from TRITON_INTERPRET
+(and its own library functions follow the variable as it was at triton's first import). So
+the mode is fixed when this module is first imported, and INTERPRETED records it: set
+TRITON_INTERPRET=1 before importing l2a_kernels to run the kernels on CPU tensors in the
+interpreter (tests/conftest.py does so on machines without CUDA).
 """
 
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .plan import KernelConfig, LaunchPlan
+
 LOG2E = 1.4426950408889634
 
 # Integer arguments that count routed rows or tokens (n_rows, n_comp, T) change with every
@@ -59,6 +63,10 @@ def _lower_bound(ptr, n, value, COMPACT: tl.constexpr):
         return lo
     else:
         return tl.minimum(tl.maximum(value, 0), n)
+
+
+# The mode Triton chose when it decorated this module's kernels (TRITON_INTERPRET=1: interpreted).
+INTERPRETED = not isinstance(_lower_bound, JITFunction)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -258,12 +266,13 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, POS, DOCSTART,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, dq_row_base,
-                stride_qct, stride_qch, stride_dct, stride_dch,
-                start, end, kvh, HQ, qk_scale, window,
+def _dkdv_inner(dk, dv, k, v, kpos, QR, DOR, LSE, DELTA, POS, DOCSTART, row_base,
+                start, end, qk_scale, window,
                 G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
                 COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-                DQ_MODE: tl.constexpr, ROWS: tl.constexpr, DP_FIRST: tl.constexpr):
+                TMA: tl.constexpr, DP_FIRST: tl.constexpr):
+    """Adds the row span [start, end) of this KV head to dk, dv. Rows are read from copies in
+    this kernel's row order, [H * N * G, D] and [H * N * G] (this head's rows from row_base)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     for start_m in range(start, end, BLOCK_M):
@@ -272,31 +281,23 @@ def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, d
             row_ok = rows < end  # rows past the span belong to the next span: exclude them
             rows = tl.minimum(rows, end - 1)
         c = rows // G
-        if ROWS == 0:  # gather from [N, HQ, D] / [N, HQ]
-            hq = kvh * G + rows % G
-            c64 = c.to(tl.int64)
-            q = tl.load(QC + c64[:, None] * stride_qct + hq[:, None] * stride_qch + offs_d[None, :])
-            do = tl.load(DOC + c64[:, None] * stride_dct + hq[:, None] * stride_dch + offs_d[None, :])
-            lse = tl.load(LSE + c * HQ + hq)
-            delta = tl.load(DELTA + c * HQ + hq)
-        else:  # rows already in this kernel's order: [H * N * G, D] / [H * N * G]
-            r = dq_row_base + rows
-            if ROWS == 1:
-                r64 = r.to(tl.int64)
-                q = tl.load(QC + r64[:, None] * D + offs_d[None, :])
-                do = tl.load(DOC + r64[:, None] * D + offs_d[None, :])
-                lse = tl.load(LSE + r)
-                delta = tl.load(DELTA + r)
-            else:  # TMA block loads (rows past the span are loaded, then masked out below)
-                q = QC.load([dq_row_base + start_m, 0])
-                do = DOC.load([dq_row_base + start_m, 0])
-                # LSE is a descriptor over lse and delta packed as [rows, 4] (lse, delta, 0, 0;
-                # DELTA is the same descriptor): one bulk copy instead of a 4-byte load per row
-                # and thread (the score layout spreads a row over threads)
-                ld = LSE.load([dq_row_base + start_m, 0])
-                ld_a, ld_b = tl.split(tl.reshape(ld, [BLOCK_M, 2, 2]))
-                lse, _ = tl.split(ld_a)
-                delta, _ = tl.split(ld_b)
+        r = row_base + rows
+        if TMA:  # block loads (rows past the span are loaded, then masked out below)
+            q = QR.load([row_base + start_m, 0])
+            do = DOR.load([row_base + start_m, 0])
+            # LSE is a descriptor over lse and delta packed as [rows, 4] (lse, delta, 0, 0;
+            # DELTA is the same descriptor): one bulk copy instead of a 4-byte load per row
+            # and thread (the score layout spreads a row over threads)
+            ld = LSE.load([row_base + start_m, 0])
+            ld_a, ld_b = tl.split(tl.reshape(ld, [BLOCK_M, 2, 2]))
+            lse, _ = tl.split(ld_a)
+            delta, _ = tl.split(ld_b)
+        else:
+            r64 = r.to(tl.int64)
+            q = tl.load(QR + r64[:, None] * D + offs_d[None, :])
+            do = tl.load(DOR + r64[:, None] * D + offs_d[None, :])
+            lse = tl.load(LSE + r)
+            delta = tl.load(DELTA + r)
         # transposed problem: keys are rows of sT [BLOCK_N, BLOCK_M]
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         if DP_FIRST:  # dP's products run on the tensor cores while the exponentials are computed
@@ -318,36 +319,21 @@ def _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, d
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
         dk = tl.dot(dsT, q, dk, input_precision=DOT_PREC)
-        if DQ_MODE == 1:
-            # dQ rows of this tile, summed over key blocks by float32 atomics (unscaled, [N, HQ, D])
-            dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC)
-            dq_ptrs = DQACC + (c64[:, None] * HQ + hq[:, None]) * D + offs_d[None, :]
-            if MASK:
-                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
-        elif DQ_MODE == 2:
-            # same through the TMA engine (bulk tensor reduce-add of the whole tile, coalesced);
-            # DQACC is a descriptor over [H * N * G, D] float32, rows in this kernel's row order.
-            # Rows past the span carry zeros here (pT was masked), so adding them is harmless.
-            dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC)
-            DQACC.atomic_add([dq_row_base + start_m, 0], dq)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["n_comp", "T"])
-def _bwd_dkdv_kernel(QC, K, V, DOC, QCP, DOCP, DK, DV, LSE, DELTA, LSEP, DELTAP, POS, DOCSTART, DOCEND, DQACC,
-                     stride_qct, stride_qch, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_dct, stride_dch, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                     n_comp, T, HQ, window, qk_scale, sm_scale,
+def _bwd_dkdv_kernel(QR, K, V, DOR, QRP, DORP, DK, DV, LSE, DELTA, LSEP, DELTAP, POS, DOCSTART, DOCEND,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                     n_comp, T, window, qk_scale, sm_scale,
                      G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      COMPACT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-                     DQ_MODE: tl.constexpr, ROWS: tl.constexpr, EDGE_M: tl.constexpr, DP_FIRST: tl.constexpr):
+                     TMA: tl.constexpr, EDGE_M: tl.constexpr, DP_FIRST: tl.constexpr):
     # grid (H, key blocks): early key blocks are seen by the most rows, so they start first.
-    # The masked edge spans (a few rows per key block) run in EDGE_M-row tiles with pointer
-    # loads from QCP/DOCP: their masks need extra registers. At BLOCK 64 x 64, D 128 on sm_90
-    # the kernel spilled 104 bytes with full-height edge tiles, 8 with half-height ones (the
-    # time moved within noise, docs/BENCHMARKS.md).
+    # QR, DOR, LSE, DELTA: the row-order copies (TMA descriptors when TMA); QRP, DORP, LSEP,
+    # DELTAP: the same copies as pointers, for the masked edge spans, which run in EDGE_M-row
+    # tiles with pointer loads (their masks need extra registers).
     kvh = tl.program_id(0)
     pid_n = tl.program_id(1)
     n0 = pid_n * BLOCK_N
@@ -372,16 +358,13 @@ def _bwd_dkdv_kernel(QC, K, V, DOC, QCP, DOCP, DK, DV, LSE, DELTA, LSEP, DELTAP,
     mid_e = tl.where(n_full > 0, full_lo + n_full * BLOCK_M, row_hi)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QC, DOC, LSE, DELTA, POS, DOCSTART, DQACC, kvh * n_comp * G,
-                         stride_qct, stride_qch, stride_dct, stride_dch, mid_s, mid_e, kvh, HQ, qk_scale,
-                         window, G, D, BLOCK_M, False, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, ROWS, DP_FIRST)
-    EDGE_ROWS: tl.constexpr = 1 if ROWS == 2 else ROWS
-    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QCP, DOCP, LSEP, DELTAP, POS, DOCSTART, DQACC, kvh * n_comp * G,
-                         stride_qct, stride_qch, stride_dct, stride_dch, row_lo, mid_s, kvh, HQ, qk_scale,
-                         window, G, D, EDGE_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, EDGE_ROWS, False)
-    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QCP, DOCP, LSEP, DELTAP, POS, DOCSTART, DQACC, kvh * n_comp * G,
-                         stride_qct, stride_qch, stride_dct, stride_dch, mid_e, row_hi, kvh, HQ, qk_scale,
-                         window, G, D, EDGE_M, True, COMPACT, HAS_WINDOW, DOT_PREC, DQ_MODE, EDGE_ROWS, False)
+    row_base = kvh * n_comp * G
+    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QR, DOR, LSE, DELTA, POS, DOCSTART, row_base, mid_s, mid_e,
+                         qk_scale, window, G, D, BLOCK_M, False, COMPACT, HAS_WINDOW, DOT_PREC, TMA, DP_FIRST)
+    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QRP, DORP, LSEP, DELTAP, POS, DOCSTART, row_base, row_lo, mid_s,
+                         qk_scale, window, G, D, EDGE_M, True, COMPACT, HAS_WINDOW, DOT_PREC, False, False)
+    dk, dv = _dkdv_inner(dk, dv, k, v, kpos, QRP, DORP, LSEP, DELTAP, POS, DOCSTART, row_base, mid_e, row_hi,
+                         qk_scale, window, G, D, EDGE_M, True, COMPACT, HAS_WINDOW, DOT_PREC, False, False)
     dk = dk * sm_scale
     tl.store(DK + kvh * stride_dkh + kpos[:, None] * stride_dkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
@@ -389,82 +372,7 @@ def _bwd_dkdv_kernel(QC, K, V, DOC, QCP, DOCP, DK, DV, LSE, DELTA, LSEP, DELTAP,
              dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
 
 
-# ----------------------------------------------------------------------------- backward: delta
-
-
-@triton.jit(do_not_specialize=["n_rows"])
-def _delta_kernel(O, DO, DELTA, POS, stride_ot, stride_oh, stride_dot, stride_doh, n_rows, HQ,
-                  D: tl.constexpr, BLOCK: tl.constexpr, COMPACT: tl.constexpr):
-    """delta[c, h] = rowsum(dO * O) over routed rows (only for the atomic-dQ backward)."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = rows < n_rows
-    rows = tl.minimum(rows, n_rows - 1)
-    c = rows // HQ
-    h = rows % HQ
-    if COMPACT:
-        tok = tl.load(POS + c).to(tl.int64)
-    else:
-        tok = c.to(tl.int64)
-    offs_d = tl.arange(0, D)
-    o = tl.load(O + tok[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :]).to(tl.float32)
-    do = tl.load(DO + tok[:, None] * stride_dot + h[:, None] * stride_doh + offs_d[None, :]).to(tl.float32)
-    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=ok)
-
-
-# ----------------------------------------------------------------------------- launch configs
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, for H100/H200 (sm_90).
-# BLOCK_M counts rows = (token, query head) pairs. DQ_MODE picks the backward per head dim:
-#   0: separate dQ kernel (recomputes S and dP: 3 + 4 matrix products per tile, no atomics),
-#   1: the dK/dV kernel also adds dQ tiles with float32 atomics (5 products, "dkdv_atomic"),
-#   2: as 1, through the TMA engine's bulk reduce-add ("dkdv_tma"; compiled GPUs only).
-# Chosen by `python -m l2a_kernels.bench --tune` on an H200 (docs/BENCHMARKS.md): mode 0 won for
-# both head dims (the atomic traffic of modes 1 and 2 costs more than the recomputation). The
-# interpreter uses small blocks so that the CPU tests cross many block edges.
-CONFIGS = {
-    "fwd": {64: (128, 64, 8, 3), 128: (128, 128, 8, 3)},
-    "dq": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-    "dkdv": {64: (64, 64, 4, 3), 128: (64, 64, 4, 2)},
-    "dkdv_atomic": {64: (64, 64, 4, 2), 128: (64, 128, 8, 2)},
-    "dkdv_tma": {64: (64, 64, 4, 3), 128: (64, 128, 8, 2)},
-}
-DQ_MODE = {64: 0, 128: 0}
-# How the dK/dV kernel (DQ_MODE 0) reads query rows: "gather" from the compact [N, HQ, D]
-# buffers, "rows" from copies in its own row order ([H, N * G, D], one contiguous block per
-# tile), "rows_tma" the same through TMA block loads (Hopper and newer; "rows" on older GPUs
-# and when interpreted). Measured on an H200 at 128K, 20% routed (docs/BENCHMARKS.md): the whole
-# backward takes 180 -> 150 ms (28/4/128) and 57 -> 42 ms (14/2/64) from gather to rows_tma;
-# the copies cost two extra passes over the routed rows. "rows_tma" also loads each tile's lse
-# and delta with one TMA copy (packed [rows, 4]; before, a 4-byte load per row and thread):
-# 149.6 -> 147.0 ms (28/4/128), 42.2 -> 40.3 ms (14/2/64).
-DKDV_LAYOUT = {64: "rows_tma", 128: "rows_tma"}
-DKDV_LAYOUTS = ("gather", "rows", "rows_tma")  # index = the dK/dV kernel's ROWS argument
-# Whether the forward and dQ kernels load K/V tiles through TMA, per kernel and head dim
-# (Hopper and newer, compiled only; K/V strides that TMA cannot describe use pointer loads).
-KV_TMA = {"fwd": {64: True, 128: True}, "dq": {64: True, 128: True}}
-# The dK/dV kernel runs its masked edge spans in half-height row tiles (fewer registers).
-EDGE_HALF = True
-# The dK/dV kernel's unmasked loop issues dP = dO V^T right after S, before the exponentials of
-# P, so the tensor cores run it while they are computed (per head dim). With the packed lse/delta
-# TMA loads this cut the whole backward at 128K, 20% routed, on an H200 from 147.0 to 140.9 ms
-# (28/4/128) and 40.3 to 38.1 ms (14/2/64) (docs/BENCHMARKS.md). With the former per-thread
-# loads the reordered loop spilled (64 bytes) and gained nothing.
-DKDV_DP_FIRST = {64: True, 128: True}
-
-
-def _edge_rows(block_m: int, dq_mode: int) -> int:
-    """EDGE_M of the dK/dV kernel: the row-tile height of its masked edge spans (full height for
-    the TMA dQ reduce, whose descriptor has BLOCK_M rows)."""
-    return block_m // 2 if EDGE_HALF and dq_mode != 2 and block_m >= 16 else block_m
-INTERPRET_CONFIG = (16, 16, 1, 1)
-
-
-def _key(D: int) -> int:
-    return 64 if D <= 64 else 128
-
-
-def _config(kind: str, D: int):
-    return INTERPRET_CONFIG if INTERPRETED else CONFIGS[kind][_key(D)]
+# ----------------------------------------------------------------------------- launches
 
 
 def _common(q, window, scale):
@@ -474,11 +382,11 @@ def _common(q, window, scale):
     return dict(D=D, HAS_WINDOW=has_window, DOT_PREC=dot_prec), (window if has_window else 0), scale * LOG2E
 
 
-def forward(q, k, v, pos, docstart, window, scale):
+def forward(q, k, v, pos, docstart, window, scale, config: KernelConfig, kv_tma: bool):
     """Returns out [T, HQ, D] (zeros on unrouted rows) and lse [N, HQ] float32 (base 2).
 
     pos: int32 [N] sorted routed positions, or None for all tokens (no compaction).
-    docstart: int32 [T]. window: int or None.
+    docstart: int32 [T]. window: int or None. config, kv_tma: the forward's part of a LaunchPlan.
     """
     T, HQ, D = q.shape
     H = k.shape[1]
@@ -490,16 +398,16 @@ def forward(q, k, v, pos, docstart, window, scale):
     if n == 0:
         return out, lse
     const, window_arg, qk_scale = _common(q, window, scale)
-    BM, BN, warps, stages = _config("fwd", D)
+    BM, BN = config.block_m, config.block_n
     n_rows = n * G
-    k_arg, v_arg, kv_tma = _kv_args("fwd", k, v, BN)
+    k_arg, v_arg, kv_tma = _kv_args(kv_tma, k, v, BN)
     _fwd_kernel[(H, triton.cdiv(n_rows, BM))](
         q, k_arg, v_arg, out, lse, pos if compact else docstart, docstart,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         n_rows, HQ, window_arg, qk_scale,
-        G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, KV_TMA=kv_tma, num_warps=warps, num_stages=stages,
-        **const,
+        G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, KV_TMA=kv_tma,
+        num_warps=config.num_warps, num_stages=config.num_stages, **const,
     )
     return out, lse
 
@@ -514,12 +422,12 @@ def _has_tma(t) -> bool:
     return not INTERPRETED and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
-def _kv_args(kind, k, v, block_n):
+def _kv_args(requested, k, v, block_n):
     """(K, V, KV_TMA) arguments of the forward and dQ kernels: TMA descriptors over [T, H * D]
-    where the layout allows it (KV_TMA[kind] on, Hopper or newer, each head's D values contiguous,
+    where requested and the layout allows it (Hopper or newer, each head's D values contiguous,
     16-byte aligned rows), else the tensors themselves for pointer loads."""
     T, H, D = k.shape
-    ok = KV_TMA[kind][_key(D)] and _has_tma(k) and all(
+    ok = requested and _has_tma(k) and all(
         t.stride(2) == 1 and t.stride(1) == D and (t.stride(0) * t.element_size()) % 16 == 0
         and t.data_ptr() % 16 == 0 for t in (k, v))
     if not ok:
@@ -527,94 +435,76 @@ def _kv_args(kind, k, v, block_n):
     return (*(_tma_descriptor(t.as_strided((T, H * D), (t.stride(0), 1)), block_n, D) for t in (k, v)), True)
 
 
-def backward(do, q, k, v, out, lse, pos, docstart, docend, window, scale, dq_mode=None):
+def backward(do, q, k, v, out, lse, pos, docstart, docend, window, scale, plan: LaunchPlan):
     """Returns dq, dk, dv for forward(...) above; dq is zero on unrouted rows."""
     T, HQ, D = q.shape
     H = k.shape[1]
-    G = HQ // H
     compact = pos is not None
     n = pos.numel() if compact else T
     if n == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    const, window_arg, qk_scale = _common(q, window, scale)
+    pos_arg = pos if compact else docstart
+    dq, delta = _backward_dq(do, q, k, v, out, lse, pos_arg, docstart, n, compact, window_arg, qk_scale, scale,
+                             plan, const)
+    dk, dv = _backward_dkdv(do, q, k, v, lse, delta, pos, pos_arg, docstart, docend, n, compact, window_arg,
+                            qk_scale, scale, plan, const)
+    return dq, dk, dv
+
+
+def _backward_dq(do, q, k, v, out, lse, pos_arg, docstart, n, compact, window_arg, qk_scale, scale, plan, const):
+    """dQ kernel: dq, and delta = rowsum(dO * O) [N, HQ] for the dK/dV kernel."""
+    HQ, H = q.shape[1], k.shape[1]
+    n_rows = n * (HQ // H)
+    dq = torch.zeros_like(q) if compact else torch.empty_like(q)
+    delta = torch.empty_like(lse)
+    cfg = plan.dq
+    k_arg, v_arg, kv_tma = _kv_args(plan.dq_kv_tma, k, v, cfg.block_n)
+    _bwd_dq_kernel[(H, triton.cdiv(n_rows, cfg.block_m))](
+        q, k_arg, v_arg, out, do, dq, lse, delta, pos_arg, docstart,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+        n_rows, HQ, window_arg, qk_scale, scale,
+        G=HQ // H, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, COMPACT=compact, KV_TMA=kv_tma,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **const,
+    )
+    return dq, delta
+
+
+def _backward_dkdv(do, q, k, v, lse, delta, pos, pos_arg, docstart, docend, n, compact, window_arg, qk_scale,
+                   scale, plan, const):
+    """dK/dV kernel over copies of the routed rows of q, dO, lse and delta in its row order."""
+    T, HQ, D = q.shape
+    H = k.shape[1]
+    G = HQ // H
+    n_rows = n * G
+    cfg = plan.dkdv
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    const, window_arg, qk_scale = _common(q, window, scale)
-    delta = torch.empty_like(lse)
-    pos_arg = pos if compact else docstart
-    n_rows = n * G
-    if dq_mode is None:
-        dq_mode = DQ_MODE[_key(D)]
-    if dq_mode == 2 and INTERPRETED:
-        dq_mode = 1  # the interpreter has no TMA reduce; mode 1 computes the same sums
-    kind = ("dkdv", "dkdv_atomic", "dkdv_tma")[dq_mode]
-    BM, BN, warps, stages = _config(kind, D)
 
-    if dq_mode:
-        _delta_kernel[(triton.cdiv(n * HQ, 64),)](
-            out, do, delta, pos_arg, out.stride(0), out.stride(1), do.stride(0), do.stride(1), n * HQ, HQ,
-            D=D, BLOCK=64, COMPACT=compact, num_warps=4,
-        )
-        if dq_mode == 1:  # [N, HQ, D]
-            dq_acc = torch.zeros((n, HQ, D), device=q.device, dtype=torch.float32)
-            dq_arg = dq_acc
-        else:  # [H, N * G, D]: each KV head's rows contiguous, in the kernel's row order
-            dq_acc = torch.zeros((H * n_rows, D), device=q.device, dtype=torch.float32)
-            dq_arg = _tma_descriptor(dq_acc, BM)
-    else:
-        dq = torch.zeros_like(q) if compact else torch.empty_like(q)
-        BMq, BNq, warps_q, stages_q = _config("dq", D)
-        k_arg, v_arg, kv_tma = _kv_args("dq", k, v, BNq)
-        _bwd_dq_kernel[(H, triton.cdiv(n_rows, BMq))](
-            q, k_arg, v_arg, out, do, dq, lse, delta, pos_arg, docstart,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-            n_rows, HQ, window_arg, qk_scale, scale,
-            G=G, BLOCK_M=BMq, BLOCK_N=BNq, COMPACT=compact, KV_TMA=kv_tma, num_warps=warps_q, num_stages=stages_q,
-            **const,
-        )
-        dq_arg = delta  # unused pointer
-    layout = DKDV_LAYOUT[_key(D)] if dq_mode != 1 else "gather"  # mode 1 adds dQ rows by (token, head)
-    if layout == "rows_tma" and not _has_tma(q):
-        layout = "rows"  # TMA needs Hopper or newer
-    # the dK/dV loop reads query rows many times: gather them once into dense compact buffers,
-    # [N, HQ, D] ("gather") or in the kernel's row order [H * N * G, D] (one pass each)
-    if layout == "gather":
-        qc = q.index_select(0, pos) if compact else q
-        doc = do.index_select(0, pos) if compact else do
-        lse_arg, delta_arg = lse, delta
-    else:
-        def rows(t, select):  # [T or N, HQ, ...] -> [H * N * G, ...]: each KV head's rows contiguous
-            t = t.unflatten(1, (H, G)).transpose(0, 1)
-            t = t.index_select(1, pos) if select and compact else t.contiguous()
-            return t.view(H * n_rows, *t.shape[3:])
+    def rows(t, select):  # [T or N, HQ, ...] -> [H * N * G, ...]: each KV head's rows contiguous
+        t = t.unflatten(1, (H, G)).transpose(0, 1)
+        t = t.index_select(1, pos) if select and compact else t.contiguous()
+        return t.view(H * n_rows, *t.shape[3:])
 
-        qc, doc, lse_arg, delta_arg = rows(q, True), rows(do, True), rows(lse, False), rows(delta, False)
-    qcp, docp, lsep, deltap = qc, doc, lse_arg, delta_arg  # pointer loads of the masked edge spans
-    if layout == "rows_tma":
-        qc, doc = _tma_descriptor(qc, BM), _tma_descriptor(doc, BM)
+    qr, dor, lse_r, delta_r = rows(q, True), rows(do, True), rows(lse, False), rows(delta, False)
+    ptr_args = (qr, dor, lse_r, delta_r)  # pointer loads of the masked edge spans
+    tma = plan.dkdv_tma and _has_tma(q)
+    if tma:
         # lse and delta side by side, padded to TMA's 16-byte minimum row ([rows, 2] is too narrow;
         # 1-D descriptors of each compiled but hit an illegal instruction with triton 3.6 on sm_90)
         packed = torch.zeros((H * n_rows, 4), device=q.device, dtype=torch.float32)
-        packed[:, 0], packed[:, 1] = lse_arg, delta_arg
-        lse_arg = delta_arg = _tma_descriptor(packed, BM)
-    rows_mode = DKDV_LAYOUTS.index(layout)
-    stride_q = (qc.stride(0), qc.stride(1)) if rows_mode == 0 else (0, 0)
-    stride_do = (doc.stride(0), doc.stride(1)) if rows_mode == 0 else (0, 0)
-    _bwd_dkdv_kernel[(H, triton.cdiv(T, BN))](
-        qc, k, v, doc, qcp, docp, dk, dv, lse_arg, delta_arg, lsep, deltap, pos_arg, docstart, docend, dq_arg,
-        *stride_q, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *stride_do, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        n, T, HQ, window_arg, qk_scale, scale,
-        G=G, BLOCK_M=BM, BLOCK_N=BN, COMPACT=compact, DQ_MODE=dq_mode, ROWS=rows_mode,
-        EDGE_M=_edge_rows(BM, dq_mode), DP_FIRST=DKDV_DP_FIRST[_key(D)],
-        num_warps=warps, num_stages=stages, **const,
+        packed[:, 0], packed[:, 1] = lse_r, delta_r
+        lse_desc = _tma_descriptor(packed, cfg.block_m)
+        qr, dor, lse_r, delta_r = _tma_descriptor(qr, cfg.block_m), _tma_descriptor(dor, cfg.block_m), lse_desc, lse_desc
+    _bwd_dkdv_kernel[(H, triton.cdiv(T, cfg.block_n))](
+        qr, k, v, dor, ptr_args[0], ptr_args[1], dk, dv, lse_r, delta_r, ptr_args[2], ptr_args[3],
+        pos_arg, docstart, docend,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        n, T, window_arg, qk_scale, scale,
+        G=G, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, COMPACT=compact, TMA=tma,
+        EDGE_M=plan.dkdv_edge_m, DP_FIRST=plan.dkdv_dp_first,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **const,
     )
-    if dq_mode:
-        if dq_mode == 2:
-            dq_acc = dq_acc.view(H, n, G, D).transpose(0, 1).reshape(n, HQ, D)
-        dq_c = (dq_acc * scale).to(q.dtype)
-        if compact:
-            dq = torch.zeros_like(q).index_copy_(0, pos.long(), dq_c)
-        else:
-            dq = dq_c
-    return dq, dk, dv
+    return dk, dv

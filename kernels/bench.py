@@ -6,14 +6,16 @@ the timed region), sliding_window_attention (W=4096), conditional_attention and 
 attention (SWA + compaction + conditional, separate q/k/v as in the layer) at each routed
 fraction (tokens chosen uniformly at random), with ratios to cuDNN. bf16, one document.
 
---tune first times a few launch configs per kernel at one size and installs the fastest for the
-rest of the run (copy the printed table into _triton_attn.CONFIGS). --check compares the chosen
-kernels with the float32 reference on the GPU before timing.
+--tune first times a few launch configs and switches per kernel at one size and prints the
+winning LaunchPlan of each head shape, which the rest of the run passes to the ops (to make it
+the default, copy it into l2a_kernels.plan). --check compares the kernels, under the plans the
+run uses, with the float32 reference on the GPU before timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -23,8 +25,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import ops, reference
-from .ops import conditional_attention, sliding_window_attention
+from . import _triton_attn, reference
+from .ops import conditional_attention, document_bounds, routed_tokens, sliding_window_attention
+from .plan import KernelConfig, default_plan
 
 
 DTYPE = torch.bfloat16
@@ -108,8 +111,9 @@ def _sdpa(backend):
     return f
 
 
-def bench_shape(HQ, H, D, T, fractions, window, budget_ms, baselines=True, flex=False):
-    """Rows for one head shape and length (see module docstring)."""
+def bench_shape(HQ, H, D, T, fractions, window, budget_ms, baselines=True, flex=False, plan=None):
+    """Rows for one head shape and length (see module docstring); plan: the kernels' LaunchPlan
+    (None: the default)."""
     rows = []
     dev = DEV
     dout = torch.randn(T, HQ, D, device=dev, dtype=DTYPE)
@@ -135,7 +139,7 @@ def bench_shape(HQ, H, D, T, fractions, window, budget_ms, baselines=True, flex=
             torch.cuda.empty_cache()
 
     swa_in = _inputs(T, HQ, H, D)
-    add(f"SWA W={window}", "", _time_pair(lambda q, k, v: sliding_window_attention(q, k, v, window), swa_in, dout,
+    add(f"SWA W={window}", "", _time_pair(lambda q, k, v: sliding_window_attention(q, k, v, window, plan=plan), swa_in, dout,
                                           budget_ms))
     if flex:
         try:
@@ -149,11 +153,12 @@ def bench_shape(HQ, H, D, T, fractions, window, budget_ms, baselines=True, flex=
     glob_in = _inputs(T, HQ, H, D)
     for frac in fractions:
         route = _route(T, frac)
-        add("conditional", frac, _time_pair(lambda q, k, v: conditional_attention(q, k, v, route), glob_in, dout,
+        add("conditional", frac, _time_pair(lambda q, k, v: conditional_attention(q, k, v, route, plan=plan), glob_in, dout,
                                             budget_ms))
 
         def l2a(q1, k1, v1, q2, k2, v2):
-            return sliding_window_attention(q1, k1, v1, window) + conditional_attention(q2, k2, v2, route)
+            return (sliding_window_attention(q1, k1, v1, window, plan=plan)
+                    + conditional_attention(q2, k2, v2, route, plan=plan))
 
         add("L2A (SWA + conditional)", frac, _time_pair(l2a, swa_in + glob_in, dout, budget_ms))
     return rows
@@ -207,86 +212,65 @@ def format_table(rows):
 
 # ----------------------------------------------------------------------------- tuning
 
+# (block_m, block_n, num_warps, num_stages) candidates per head dim and kernel
 TUNE_SPACE = {
     128: {
         "fwd": [(128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 8, 3)],
         "dq": [(128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2)],
         "dkdv": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)],
-        "dkdv_atomic": [(64, 128, 8, 2), (64, 64, 8, 2)],
-        "dkdv_tma": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2)],
     },
     64: {
         "fwd": [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3)],
         "dq": [(128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
         "dkdv": [(64, 64, 4, 3), (64, 128, 8, 3)],
-        "dkdv_atomic": [(64, 64, 4, 2)],
-        "dkdv_tma": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2)],
     },
 }
-BACKWARD_KINDS = ("dkdv", "dkdv_atomic", "dkdv_tma")  # index = DQ_MODE
+# the plan switch searched together with each kernel's configs
+TUNE_SWITCH = {"fwd": "fwd_kv_tma", "dq": "dq_kv_tma", "dkdv": "dkdv_tma"}
 
 
 def tune(HQ, H, D, T, frac, budget_ms=150.0):
-    """Coordinate search over TUNE_SPACE[D] (and the KV_TMA / DKDV_LAYOUT switches) at one
-    size: forward, then the dQ kernel, then each backward mode; installs and returns the winners."""
-    kern = ops._kernels()
-    key = kern._key(D)
+    """Coordinate search at one size, starting from the default plan: the forward's configs x
+    its K/V TMA switch, then the dQ kernel's, then the dK/dV kernel's (each timed as the whole
+    backward, the other kernel fixed). Returns (the fastest LaunchPlan, every timing)."""
+    key = 64 if D <= 64 else 128
     q, k, v = _inputs(T, HQ, H, D, grad=False)
     route = _route(T, frac)
-    pos = torch.nonzero(route).squeeze(1).to(torch.int32)
-    docstart, docend = ops._doc_bounds(None, T, q.device)
+    pos = routed_tokens(route).positions
+    docs = document_bounds(None, T, q.device)  # one document
+    docstart, docend = docs.docstart, docs.docend
     scale = 1.0 / math.sqrt(D)
     do = torch.randn_like(q)
+    plan = default_plan(D, interpreted=False)
     results = {}
 
-    def measure(kind, cfg, fn, tag=""):
-        old = kern.CONFIGS[kind][key]
-        kern.CONFIGS[kind][key] = cfg
-        try:
-            t = _timer(fn, budget_ms)
-        except Exception as e:  # e.g. out of shared memory for this config
-            print(f"  tune {kind} {cfg}: {type(e).__name__}", file=sys.stderr)
-            t = float("inf")
-        kern.CONFIGS[kind][key] = old
-        results.setdefault(kind + tag, []).append((cfg, t))
-        print(f"  tune D={D} {kind}{tag} {cfg}: {t:.3f} ms", file=sys.stderr)
-        return t
+    def fwd(p):
+        return _triton_attn.forward(q, k, v, pos, docstart, None, scale, p.fwd, p.fwd_kv_tma)
 
-    def search(kind, fn, switch, options):
-        """Best (time, cfg, option) over the configs of `kind` x the options of one switch."""
-        found = (float("inf"), kern.CONFIGS[kind][key], options[0])
-        for opt in options:
-            switch(opt)
+    out, lse = fwd(plan)
+
+    def bwd(p):
+        return _triton_attn.backward(do, q, k, v, out, lse, pos, docstart, docend, None, scale, p)
+
+    for kind, fn in (("fwd", fwd), ("dq", bwd), ("dkdv", bwd)):
+        best = (float("inf"), plan)
+        for switch in (True, False):
             for cfg in TUNE_SPACE[key][kind]:
-                t = measure(kind, cfg, fn, f" {opt}")
-                found = min(found, (t, cfg, opt), key=lambda x: x[0])
-        kern.CONFIGS[kind][key] = found[1]
-        switch(found[2])
-        return found
-
-    def kv_tma(kind):
-        return lambda on: kern.KV_TMA[kind].__setitem__(key, on)
-
-    search("fwd", lambda: kern.forward(q, k, v, pos, docstart, None, scale), kv_tma("fwd"), (True, False))
-    out, lse = kern.forward(q, k, v, pos, docstart, None, scale)
-
-    def bwd(mode):
-        return lambda: kern.backward(do, q, k, v, out, lse, pos, docstart, docend, None, scale, dq_mode=mode)
-
-    search("dq", bwd(0), kv_tma("dq"), (True, False))
-    per_mode = []
-    for mode, kind in enumerate(BACKWARD_KINDS):
-        layouts = ("gather",) if mode == 1 else kern.DKDV_LAYOUTS
-        per_mode.append(search(kind, bwd(mode), lambda lay: kern.DKDV_LAYOUT.__setitem__(key, lay), layouts))
-    mode = min(range(3), key=lambda m: per_mode[m][0])
-    kern.DQ_MODE[key] = mode
-    kern.DKDV_LAYOUT[key] = per_mode[mode][2] if mode != 1 else kern.DKDV_LAYOUT[key]
-    chosen = {kind: kern.CONFIGS[kind][key] for kind in ("fwd", "dq") + BACKWARD_KINDS}
-    chosen.update(DQ_MODE=mode, DKDV_LAYOUT=kern.DKDV_LAYOUT[key],
-                  KV_TMA={kind: kern.KV_TMA[kind][key] for kind in ("fwd", "dq")})
-    print(f"  tuned D={D}: {chosen} (backward by DQ_MODE: "
-          + ", ".join(f"{t:.2f} ({lay})" for t, _, lay in per_mode) + " ms)", file=sys.stderr)
-    return chosen, results
+                cand = dataclasses.replace(plan, **{kind: KernelConfig(*cfg), TUNE_SWITCH[kind]: switch})
+                try:
+                    t = _timer(lambda: fn(cand), budget_ms)
+                except Exception as e:  # e.g. out of shared memory for this config
+                    print(f"  tune {kind} {cfg}: {type(e).__name__}", file=sys.stderr)
+                    t = float("inf")
+                results.setdefault(f"{kind} {TUNE_SWITCH[kind]}={switch}", []).append((cfg, t))
+                print(f"  tune D={D} {kind} {cfg} {TUNE_SWITCH[kind]}={switch}: {t:.3f} ms", file=sys.stderr)
+                if t < best[0]:
+                    best = (t, cand)
+        plan = best[1]
+        if kind == "fwd":
+            out, lse = fwd(plan)
+    print(f"  tuned {HQ}/{H}/{D}: {plan!r}", file=sys.stderr)
+    return plan, results
 
 
 # ----------------------------------------------------------------------------- GPU check
@@ -296,8 +280,9 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def check(HQ, H, D, T=8192, frac=0.2, window=1024):
-    """Kernel vs float32 reference, bf16 inputs, 3 documents; also the bf16 PyTorch error."""
+def check(HQ, H, D, T=8192, frac=0.2, window=1024, plan=None):
+    """Kernel (under `plan`, None: the default) vs float32 reference, bf16 inputs, 3 documents;
+    also the bf16 PyTorch error."""
     torch.manual_seed(0)
     cu = torch.tensor([0, T // 3, T // 3 + T // 10 + 1, T], dtype=torch.int32, device=DEV)
     q, k, v = _inputs(T, HQ, H, D)
@@ -305,12 +290,12 @@ def check(HQ, H, D, T=8192, frac=0.2, window=1024):
     route = _route(T, frac)
     lines = []
     cases = [
-        ("conditional", lambda *a: conditional_attention(*a, route, cu_seqlens=cu),
+        ("conditional", lambda *a: conditional_attention(*a, route, cu_seqlens=cu, plan=plan),
          lambda *a: reference.conditional_attention(*a, route, cu_seqlens=cu),
-         lambda *a: reference._attention(*a, torch.nonzero(route).squeeze(1), cu, None, None, DTYPE)),
-        ("swa", lambda *a: sliding_window_attention(*a, window, cu_seqlens=cu),
+         lambda *a: reference.conditional_attention(*a, route, cu_seqlens=cu, compute_dtype=DTYPE)),
+        ("swa", lambda *a: sliding_window_attention(*a, window, cu_seqlens=cu, plan=plan),
          lambda *a: reference.sliding_window_attention(*a, window, cu_seqlens=cu),
-         lambda *a: reference._attention(*a, torch.arange(T, device=DEV), cu, window, None, DTYPE)),
+         lambda *a: reference.sliding_window_attention(*a, window, cu_seqlens=cu, compute_dtype=DTYPE)),
     ]
     ok = True
     for name, fk, fr, flow in cases:
@@ -333,7 +318,7 @@ def check(HQ, H, D, T=8192, frac=0.2, window=1024):
 # ----------------------------------------------------------------------------- profile
 
 
-def profile(HQ, H, D, T, frac, reps=3):
+def profile(HQ, H, D, T, frac, reps=3, plan=None):
     """Markdown table of GPU time per kernel in one conditional_attention forward + backward
     (mean over `reps` calls after a warm-up), to see where the time goes."""
     from torch.profiler import ProfilerActivity
@@ -342,7 +327,7 @@ def profile(HQ, H, D, T, frac, reps=3):
     q, k, v = _inputs(T, HQ, H, D)
     route = _route(T, frac)
     dout = torch.randn_like(q)
-    _, fwdbwd = _fwd_and_fwdbwd(lambda *a: conditional_attention(*a, route), (q, k, v), dout)
+    _, fwdbwd = _fwd_and_fwdbwd(lambda *a: conditional_attention(*a, route, plan=plan), (q, k, v), dout)
     fwdbwd()
     _sync()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -374,7 +359,8 @@ def main(argv=None):
     p.add_argument("--no-baselines", action="store_true", help="skip SDPA cuDNN / FlashAttention")
     p.add_argument("--flex", default="", help="lengths at which to also time FlexAttention SWA for the first "
                    "shape (compiles once per length), e.g. 131072")
-    p.add_argument("--tune", action="store_true", help="tune launch configs first (at --tune-length)")
+    p.add_argument("--tune", action="store_true", help="tune a launch plan per shape first (at --tune-length) "
+                   "and time with it")
     p.add_argument("--tune-length", type=int, default=65536)
     p.add_argument("--check", action="store_true", help="check kernels against the reference first")
     p.add_argument("--profile", action="store_true", help="also print the GPU time per kernel of one "
@@ -393,16 +379,17 @@ def main(argv=None):
     print(header, file=sys.stderr)
     record = {"header": header, "argv": sys.argv if argv is None else argv}
     torch.manual_seed(0)
+    plans = {shape: default_plan(shape[2], interpreted=False) for shape in shapes}
     if a.tune:
         record["tuned"] = {}
         for HQ, H, D in shapes:
-            chosen, res = tune(HQ, H, D, a.tune_length, 0.2)
-            record["tuned"][f"{HQ}/{H}/{D}"] = {"chosen": chosen, "results": {k: [[list(c), t] for c, t in v]
-                                                                              for k, v in res.items()}}
+            plans[(HQ, H, D)], res = tune(HQ, H, D, a.tune_length, 0.2)
+            record["tuned"][f"{HQ}/{H}/{D}"] = {"plan": dataclasses.asdict(plans[(HQ, H, D)]),
+                                                "results": {k: [[list(c), t] for c, t in v] for k, v in res.items()}}
     if a.check:
         ok_all = True
         for HQ, H, D in shapes:
-            ok, lines = check(HQ, H, D)
+            ok, lines = check(HQ, H, D, plan=plans[(HQ, H, D)])
             ok_all &= ok
             print("\n".join(lines), file=sys.stderr)
         record["check_ok"] = ok_all
@@ -410,21 +397,22 @@ def main(argv=None):
     for HQ, H, D in shapes:
         for T in lengths:
             flex = (HQ, H, D) == shapes[0] and str(T) in a.flex.split(",")
-            rows += bench_shape(HQ, H, D, T, fractions, a.window, a.budget_ms, not a.no_baselines, flex)
+            rows += bench_shape(HQ, H, D, T, fractions, a.window, a.budget_ms, not a.no_baselines, flex,
+                                plan=plans[(HQ, H, D)])
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     record["rows"] = rows
     if a.json:
         with open(a.json, "w") as f:
             json.dump(record, f, indent=1, default=str)
-    kern = ops._kernels()
     print(header)
-    print(f"configs: {kern.CONFIGS} DQ_MODE={kern.DQ_MODE} DKDV_LAYOUT={kern.DKDV_LAYOUT} KV_TMA={kern.KV_TMA}")
+    for (HQ, H, D), plan in plans.items():
+        print(f"plan {HQ}/{H}/{D}: {plan!r}")
     print(format_table(rows))
     if a.profile:
         HQ, H, D = shapes[0]
         print()
-        print(profile(HQ, H, D, lengths[-1], 0.2))
+        print(profile(HQ, H, D, lengths[-1], 0.2, plan=plans[shapes[0]]))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["conditional_attention", "sliding_window_attention", "doc_starts"]
+__all__ = ["attention", "conditional_attention", "sliding_window_attention", "doc_starts"]
 
 _QUERY_BLOCK = 128
 
@@ -49,8 +49,10 @@ def _block(q, k, v, qpos, qdoc, lo, window, scale, dtype):
     return o.reshape(B, HQ, D)
 
 
-def _attention(q, k, v, query_idx, cu_seqlens, window, scale, dtype=torch.float32):
-    """Rows query_idx (sorted int64) attend causally within their document; others get 0."""
+def attention(q, k, v, query_idx, cu_seqlens, window, scale, dtype=torch.float32):
+    """The common form of both ops: rows query_idx (sorted int64) attend causally within their
+    document, to the last `window` keys (None: no window); the other rows get 0. Computed in
+    `dtype`, returned in q's dtype."""
     T, HQ, D = q.shape
     if HQ % k.shape[1]:
         raise ValueError("q heads must be a multiple of k heads")
@@ -84,13 +86,13 @@ def conditional_attention(q, k, v, route, *, cu_seqlens=None, scale=None, dense_
     """
     route = route.to(torch.bool)
     if dense_forward:
-        out = _attention(q, k, v, torch.arange(q.shape[0], device=q.device), cu_seqlens, None, scale, compute_dtype)
+        out = attention(q, k, v, torch.arange(q.shape[0], device=q.device), cu_seqlens, None, scale, compute_dtype)
         return torch.where(route[:, None, None], out, out.detach())
     idx = torch.nonzero(route).squeeze(1)
-    return _attention(q, k, v, idx, cu_seqlens, None, scale, compute_dtype)
+    return attention(q, k, v, idx, cu_seqlens, None, scale, compute_dtype)
 
 
 def sliding_window_attention(q, k, v, window, *, cu_seqlens=None, scale=None, compute_dtype=torch.float32):
     """Causal attention over the last `window` keys (query itself included) of the document."""
     idx = torch.arange(q.shape[0], device=q.device)
-    return _attention(q, k, v, idx, cu_seqlens, int(window), scale, compute_dtype)
+    return attention(q, k, v, idx, cu_seqlens, int(window), scale, compute_dtype)

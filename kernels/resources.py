@@ -1,7 +1,7 @@
 """Registers, spills and shared memory of the kernels, without a GPU:
 python -m l2a_kernels.resources [--arch 90] [--head-dims 64,128]
 
-Compiles each kernel with its launch config from `_triton_attn.CONFIGS` for the target
+Compiles each kernel with its launch config from `default_plan(D, interpreted=False)` for the target
 architecture (ahead of time, as `triton.compile` does for any target) and reads the machine
 code's resource use with the `cuobjdump` bundled in Triton's wheel. Spilled registers cost
 device time, so this answers "does this config spill?" before a GPU run. The numbers are those
@@ -22,8 +22,8 @@ import tempfile
 # passes it as a TMA descriptor (block shape per config), float or int scalars.
 _POINTERS = {
     "Q": "bf16", "K": "bf16", "V": "bf16", "O": "bf16", "DO": "bf16", "DQ": "bf16", "DK": "bf16", "DV": "bf16",
-    "QC": "bf16", "DOC": "bf16", "QCP": "bf16", "DOCP": "bf16", "LSE": "fp32", "DELTA": "fp32", "LSEP": "fp32",
-    "DELTAP": "fp32", "DQACC": "fp32",
+    "QR": "bf16", "DOR": "bf16", "QRP": "bf16", "DORP": "bf16", "LSE": "fp32", "DELTA": "fp32", "LSEP": "fp32",
+    "DELTAP": "fp32",
     "POS": "i32", "DOCSTART": "i32", "DOCEND": "i32",
 }
 _FLOATS = {"qk_scale", "sm_scale"}
@@ -49,22 +49,27 @@ def _signature(fn, const, descriptors):
     return sig, constexprs, attrs
 
 
-def _kernel_cases(kern, D, G=7):
-    """(name, kernel, config, constexprs, descriptors) for the default launch of each kernel."""
-    key = kern._key(D)
+def _kernel_cases(D, plan=None, G=7):
+    """(name, kernel, config, constexprs, descriptors) for each kernel's launch under `plan`
+    (default: the GPU default plan of D), TMA requests honoured."""
+    from . import _triton_attn as kern
+    from .plan import default_plan
+
+    plan = plan or default_plan(D, interpreted=False)
     common = dict(G=G, D=D, COMPACT=True, HAS_WINDOW=False, DOT_PREC="tf32")
     cases = []
-    for name, kind, fn in (("forward", "fwd", kern._fwd_kernel), ("dQ", "dq", kern._bwd_dq_kernel)):
-        BM, BN, warps, stages = kern.CONFIGS[kind][key]
-        tma = kern.KV_TMA[kind][key]
+    for name, cfg, tma, fn in (("forward", plan.fwd, plan.fwd_kv_tma, kern._fwd_kernel),
+                               ("dQ", plan.dq, plan.dq_kv_tma, kern._bwd_dq_kernel)):
+        BM, BN = cfg.block_m, cfg.block_n
         desc = {"K": (BN, D), "V": (BN, D)} if tma else {}
-        cases.append((name, fn, (BM, BN, warps, stages), dict(common, BLOCK_M=BM, BLOCK_N=BN, KV_TMA=tma), desc))
-    BM, BN, warps, stages = kern.CONFIGS["dkdv"][key]
-    rows = kern.DKDV_LAYOUTS.index(kern.DKDV_LAYOUT[key])
-    desc = {"QC": (BM, D), "DOC": (BM, D), "LSE": (BM, 4), "DELTA": (BM, 4)} if rows == 2 else {}
-    const = dict(common, BLOCK_M=BM, BLOCK_N=BN, DQ_MODE=0, ROWS=rows, EDGE_M=kern._edge_rows(BM, 0),
-                 DP_FIRST=kern.DKDV_DP_FIRST[key])
-    cases.append(("dK/dV", kern._bwd_dkdv_kernel, (BM, BN, warps, stages), const, desc))
+        cases.append((name, fn, (BM, BN, cfg.num_warps, cfg.num_stages),
+                      dict(common, BLOCK_M=BM, BLOCK_N=BN, KV_TMA=tma), desc))
+    cfg = plan.dkdv
+    BM, BN = cfg.block_m, cfg.block_n
+    desc = {"QR": (BM, D), "DOR": (BM, D), "LSE": (BM, 4), "DELTA": (BM, 4)} if plan.dkdv_tma else {}
+    const = dict(common, BLOCK_M=BM, BLOCK_N=BN, TMA=plan.dkdv_tma, EDGE_M=plan.dkdv_edge_m,
+                 DP_FIRST=plan.dkdv_dp_first)
+    cases.append(("dK/dV", kern._bwd_dkdv_kernel, (BM, BN, cfg.num_warps, cfg.num_stages), const, desc))
     return cases
 
 
@@ -99,28 +104,16 @@ def resources(fn, config, const, descriptors, arch=90):
     return dict(registers=int(m.group(1)), spill_bytes=int(m.group(2)), shared_bytes=compiled.metadata.shared)
 
 
-def _compiled_kernels():
-    """The kernel module with compiled (not interpreted) kernels. Triton's library takes its
-    mode at its first import: imported under TRITON_INTERPRET=1 it cannot compile for a GPU
-    target (a cold compile cache fails inside the code generator), so `main` moves to a fresh
-    process in that case and this runs only where triton is (or will be) imported compiled; it
-    drops TRITON_INTERPRET from this process's environment."""
-    os.environ.pop("TRITON_INTERPRET", None)
-    from . import ops
-
-    return ops._kernels()
-
-
-def _interpreter_loaded() -> bool:
-    return "triton.language" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     p.add_argument("--head-dims", default="64,128")
     a = p.parse_args(argv)
-    if _interpreter_loaded():  # e.g. called from the CPU test session: compile in a clean process
+    from . import _triton_attn
+
+    # Kernels imported for the interpreter (e.g. in the CPU test session) cannot be compiled for a
+    # GPU target, nor can Triton's library once imported that way: compile in a clean process.
+    if _triton_attn.INTERPRETED:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         cmd = [sys.executable, "-m", "l2a_kernels.resources", "--arch", str(a.arch), "--head-dims", a.head_dims]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -128,11 +121,10 @@ def main(argv=None):
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
         print(done.stdout, end="")
         return
-    kern = _compiled_kernels()
     lines = ["| kernel | D | config (BLOCK_M, BLOCK_N, warps, stages) | registers | spilled bytes | shared memory |",
              "|---|---|---|---|---|---|"]
     for D in (int(x) for x in a.head_dims.split(",")):
-        for name, fn, config, const, desc in _kernel_cases(kern, D):
+        for name, fn, config, const, desc in _kernel_cases(D):
             r = resources(fn, config, const, desc, a.arch)
             lines.append(f"| {name} | {D} | {config} | {r['registers']} | {r['spill_bytes']} | "
                          f"{r['shared_bytes']:,} |")

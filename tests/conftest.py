@@ -12,9 +12,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# Triton fixes interpreted-or-compiled when a kernel is decorated, and the model package imports
-# the kernels early; without CUDA the only working mode is the interpreter, so choose it before
-# any test module imports triton (reloading the kernel module later is not reliable).
+# Triton fixes interpreted-or-compiled when a kernel is decorated, so l2a_kernels takes the mode
+# once, when first imported (l2a_kernels.INTERPRETED); without CUDA the only working mode is the
+# interpreter, so choose it before any test module imports triton or l2a_kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Triton's own library (tl.zeros, ...) takes the mode of triton's first import: make that here,

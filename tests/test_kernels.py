@@ -1,8 +1,8 @@
 """l2a_kernels on CPU: the Triton kernels under TRITON_INTERPRET=1 against the float64 reference.
 
-Triton decides interpreted-or-compiled when a kernel is decorated, so the fixture below sets
-TRITON_INTERPRET=1 first and l2a_kernels.ops._kernels() (re)imports the kernel module to match.
-The interpreter mishandles bf16, so these tests use float32 and float16. A kernel's error must
+Triton decides interpreted-or-compiled when a kernel is decorated: tests/conftest.py sets
+TRITON_INTERPRET=1 on machines without CUDA before anything imports l2a_kernels, and the fixture
+below checks that the kernels really run interpreted. The interpreter mishandles bf16, so these tests use float32 and float16. A kernel's error must
 stay within a small multiple of a same-precision PyTorch implementation's error (the reference
 computed in the input dtype); errors are relative Frobenius norms against float64.
 GPU tests at realistic sizes in bf16: tests/test_kernels_gpu.py.
@@ -11,32 +11,39 @@ GPU tests at realistic sizes in bf16: tests/test_kernels_gpu.py.
 from __future__ import annotations
 
 
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import l2a_kernels
-from l2a_kernels import ops, reference
-
-
-def _triton_imported_interpreted() -> bool:
-    """Triton's own library functions (tl.zeros, ...) are interpreted only if TRITON_INTERPRET
-    was set when triton was first imported; conftest does that on machines without CUDA."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tl.zeros, InterpretedFunction)
+from l2a_kernels import KernelConfig, LaunchPlan, default_plan, reference
 
 
 @pytest.fixture(autouse=True, scope="module")
 def interpreter():
-    if not _triton_imported_interpreted():
-        pytest.skip("Triton was imported without its interpreter (a CUDA machine): run the CPU kernel tests "
-                    "on their own with `TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py`")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        kern = ops._kernels()
-        assert kern.INTERPRETED
-        yield kern
+    """Skips on a CUDA machine (kernels compiled); elsewhere checks that the Triton kernels,
+    and Triton's own library functions, are interpreted, so the tests below run them."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from l2a_kernels import _triton_attn
+
+    if not l2a_kernels.INTERPRETED:
+        pytest.skip("the kernels were imported compiled (a CUDA machine): run the CPU kernel tests on their "
+                    "own with `TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py`")
+    assert isinstance(tl.zeros, InterpretedFunction)
+    for kernel in (_triton_attn._fwd_kernel, _triton_attn._bwd_dq_kernel, _triton_attn._bwd_dkdv_kernel):
+        assert isinstance(kernel, InterpretedFunction), kernel
+
+
+def _slug(text):
+    """A test id from an expected error message."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
 
 def _inputs(T, HQ, H, D, dtype, seed=0):
@@ -64,9 +71,9 @@ def _compare(kernel_fn, query_idx, cu, window, q, k, v, do, floor=None):
     """Kernel vs float64 truth, bounded by 4x the same-precision PyTorch error."""
     dtype = q.dtype
     got = _grads(kernel_fn, q, k, v, do)
-    truth = _grads(lambda *a: reference._attention(*a, query_idx, cu, window, None, torch.float64), q, k, v, do,
+    truth = _grads(lambda *a: reference.attention(*a, query_idx, cu, window, None, torch.float64), q, k, v, do,
                    torch.float64)
-    same = _grads(lambda *a: reference._attention(*a, query_idx, cu, window, None, dtype), q, k, v, do)
+    same = _grads(lambda *a: reference.attention(*a, query_idx, cu, window, None, dtype), q, k, v, do)
     if floor is None:
         floor = 1e-6 if dtype == torch.float32 else 1e-4
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, truth, same):
@@ -77,14 +84,14 @@ def _compare(kernel_fn, query_idx, cu, window, q, k, v, do, floor=None):
     return got
 
 
-# (T, HQ, H, D, density, cu_seqlens, dtype)
+# (T, HQ, H, D, density, cu_seqlens, dtype), id
 CASES = [
-    (77, 4, 2, 16, 0.5, None, torch.float32),  # odd length, one document
-    (100, 4, 2, 32, 0.3, [0, 10, 10, 55, 100], torch.float32),  # several documents, one empty
-    (130, 6, 2, 16, 1.0, [0, 64, 130], torch.float16),  # density 1 = causal
-    (93, 3, 1, 64, 0.25, [0, 40, 41, 93], torch.float16),  # MHA->MQA ratio 3, a one-token doc
-    (70, 2, 2, 128, 0.4, [0, 33, 70], torch.float32),  # head dim 128, G = 1
-    (120, 7, 1, 16, 0.2, [0, 17, 50, 51, 120], torch.float16),  # G = 7 as in Qwen2.5
+    pytest.param(77, 4, 2, 16, 0.5, None, torch.float32, id="odd-length-1doc"),
+    pytest.param(100, 4, 2, 32, 0.3, [0, 10, 10, 55, 100], torch.float32, id="docs-one-empty"),
+    pytest.param(130, 6, 2, 16, 1.0, [0, 64, 130], torch.float16, id="density1-causal-fp16"),
+    pytest.param(93, 3, 1, 64, 0.25, [0, 40, 41, 93], torch.float16, id="G3-one-token-doc-fp16"),
+    pytest.param(70, 2, 2, 128, 0.4, [0, 33, 70], torch.float32, id="D128-G1"),
+    pytest.param(120, 7, 1, 16, 0.2, [0, 17, 50, 51, 120], torch.float16, id="G7-qwen25-fp16"),
 ]
 
 
@@ -117,29 +124,76 @@ def test_sliding_window_fp16_gqa():
     _compare(lambda *a: l2a_kernels.sliding_window_attention(*a, 20), torch.arange(T), None, 20, q, k, v, do)
 
 
-@pytest.mark.parametrize("dq_mode, layout, edge_half, dp_first", [
-    (0, "gather", True, True), (0, "rows", True, True), (0, "rows", False, False), (1, "gather", True, False)])
-@pytest.mark.parametrize("case", [0, 1])
-def test_backward_variants(interpreter, monkeypatch, case, dq_mode, layout, edge_half, dp_first):
-    """Every backward: DQ_MODE 0 with the dK/dV kernel reading query rows gathered from the
-    compact buffers or from copies in its own row order (the default "rows_tma" runs as "rows"
-    here), its masked edges in half or full row tiles, dP issued before or after the
-    exponentials, and DQ_MODE 1, dQ added with atomics inside the dK/dV kernel (mode 2, the TMA
-    reduce, runs as mode 1 here). The TMA forms are tested in test_kernels_gpu.py."""
-    monkeypatch.setattr(interpreter, "DQ_MODE", {64: dq_mode, 128: dq_mode})
-    monkeypatch.setattr(interpreter, "DKDV_LAYOUT", {64: layout, 128: layout})
-    monkeypatch.setattr(interpreter, "EDGE_HALF", edge_half)
-    monkeypatch.setattr(interpreter, "DKDV_DP_FIRST", {64: dp_first, 128: dp_first})
+# plans other than the interpreter's default: the switches the interpreter can run (the TMA
+# forms run as pointer loads here and are tested in test_kernels_gpu.py) and larger blocks
+_SMALL = KernelConfig(16, 16, 1, 1)
+PLANS = [
+    pytest.param(default_plan(32, interpreted=True), id="default"),
+    pytest.param(LaunchPlan(fwd=_SMALL, dq=_SMALL, dkdv=_SMALL, fwd_kv_tma=False, dq_kv_tma=False, dkdv_tma=False,
+                            dkdv_edge_half=False, dkdv_dp_first=False), id="edge-full-dp-last"),
+    pytest.param(LaunchPlan(fwd=KernelConfig(32, 16, 1, 1), dq=KernelConfig(16, 32, 1, 1),
+                            dkdv=KernelConfig(32, 16, 1, 1), fwd_kv_tma=False, dq_kv_tma=False, dkdv_tma=False),
+                 id="blocks-32-16"),
+]
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("case", ["conditional", "swa"])
+def test_backward_variants(case, plan):
+    """The kernels under launch plans other than the default: the dK/dV kernel's masked edges
+    in half or full row tiles, dP issued before or after the exponentials, other block sizes."""
     T, HQ, H, D = 101, 6, 2, 32
     q, k, v, do = _inputs(T, HQ, H, D, torch.float32, seed=12)
     cu = torch.tensor([0, 30, 31, 101], dtype=torch.int32)
-    if case == 0:
+    if case == "conditional":
         route = torch.rand(T, generator=torch.Generator().manual_seed(4)) < 0.4
-        _compare(lambda *a: l2a_kernels.conditional_attention(*a, route, cu_seqlens=cu),
+        _compare(lambda *a: l2a_kernels.conditional_attention(*a, route, cu_seqlens=cu, plan=plan),
                  torch.nonzero(route).squeeze(1), cu, None, q, k, v, do)
     else:
-        _compare(lambda *a: l2a_kernels.sliding_window_attention(*a, 9, cu_seqlens=cu), torch.arange(T), cu, 9,
-                 q, k, v, do)
+        _compare(lambda *a: l2a_kernels.sliding_window_attention(*a, 9, cu_seqlens=cu, plan=plan), torch.arange(T),
+                 cu, 9, q, k, v, do)
+
+
+def test_default_plans():
+    """The GPU defaults are the H200 winners (docs/BENCHMARKS.md); head dims 16 and 32 share
+    the plan of 64; the interpreter's plan uses small blocks and no TMA."""
+    p64, p128 = default_plan(64, interpreted=False), default_plan(128, interpreted=False)
+    assert default_plan(16, interpreted=False) == default_plan(32, interpreted=False) == p64
+    assert (p64.fwd, p64.dq, p64.dkdv) == (KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 4, 3),
+                                           KernelConfig(64, 64, 4, 3))
+    assert (p128.fwd, p128.dq, p128.dkdv) == (KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 3),
+                                              KernelConfig(64, 64, 4, 2))
+    for p in (p64, p128):
+        assert p.fwd_kv_tma and p.dq_kv_tma and p.dkdv_tma and p.dkdv_edge_half and p.dkdv_dp_first
+        assert p.dkdv_edge_m == 32
+    small = default_plan(128, interpreted=True)
+    assert small.fwd == small.dq == small.dkdv == KernelConfig(16, 16, 1, 1)
+    assert not (small.fwd_kv_tma or small.dq_kv_tma or small.dkdv_tma) and small.dkdv_edge_m == 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p64.dkdv_tma = False
+
+
+BAD_PLANS = [
+    (lambda: KernelConfig(24, 16, 1, 1), ValueError, "block_m must be a power of two"),
+    (lambda: KernelConfig(16, 8, 1, 1), ValueError, "block_n must be a power of two"),
+    (lambda: KernelConfig(16, 16, 3, 1), ValueError, "num_warps"),
+    (lambda: KernelConfig(16, 16, 1, 0), ValueError, "num_stages"),
+    (lambda: LaunchPlan(fwd=(16, 16, 1, 1), dq=_SMALL, dkdv=_SMALL), TypeError, "LaunchPlan.fwd must be a KernelConfig"),
+    (lambda: LaunchPlan(fwd=_SMALL, dq=_SMALL, dkdv=_SMALL, dkdv_tma=1), TypeError, "dkdv_tma must be a bool"),
+    (lambda: default_plan(24, interpreted=False), ValueError, "head_dim must be one of"),
+]
+
+
+@pytest.mark.parametrize("make,exc,match", BAD_PLANS, ids=[_slug(match) for _, _, match in BAD_PLANS])
+def test_bad_plans(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_plan_argument_must_be_a_launch_plan():
+    q, k, v, route = _good()
+    with pytest.raises(TypeError, match="plan must be an l2a_kernels.LaunchPlan"):
+        l2a_kernels.conditional_attention(q, k, v, route, plan={"fwd": (16, 16, 1, 1)})
 
 
 def test_density_zero_gives_zeros_and_zero_grads():
@@ -193,15 +247,103 @@ def test_scale_argument():
     assert torch.allclose(got, ref, atol=1e-5)
 
 
-def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
-    T, HQ, H, D = 40, 4, 2, 16
-    q, k, v, _ = _inputs(T, HQ, H, D, torch.float32, seed=8)
-    route = torch.rand(T, generator=torch.Generator().manual_seed(8)) < 0.5
-    got = l2a_kernels.conditional_attention(q, k, v, route)
-    assert torch.equal(got, reference.conditional_attention(q, k, v, route))
-    got = l2a_kernels.sliding_window_attention(q, k, v, 5)
-    assert torch.equal(got, reference.sliding_window_attention(q, k, v, 5))
+_FALLBACK = """
+import torch, l2a_kernels
+from l2a_kernels import reference
+assert not l2a_kernels.INTERPRETED
+g = torch.Generator().manual_seed(8)
+q, k, v = torch.randn(40, 4, 16, generator=g), torch.randn(40, 2, 16, generator=g), torch.randn(40, 2, 16, generator=g)
+route = torch.rand(40, generator=g) < 0.5
+assert torch.equal(l2a_kernels.conditional_attention(q, k, v, route), reference.conditional_attention(q, k, v, route))
+assert torch.equal(l2a_kernels.sliding_window_attention(q, k, v, 5), reference.sliding_window_attention(q, k, v, 5))
+plan = l2a_kernels.default_plan(16, interpreted=True)
+try:
+    l2a_kernels.conditional_attention(q, k, v, route, plan=plan)
+except ValueError as e:
+    assert "plan= applies to the Triton kernels" in str(e), e
+else:
+    raise AssertionError("a plan for the reference path was accepted")
+print("ok")
+"""
+
+
+def test_cpu_without_interpreter_falls_back_to_reference():
+    """Imported without TRITON_INTERPRET (in a fresh process: the mode is fixed at import), CPU
+    tensors run the reference; a launch plan there is refused."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _FALLBACK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dense_forward", [False, True], ids=["sparse", "dense-forward"])
+def test_prepared_inputs_give_the_same_results_without_host_reads(monkeypatch, dense_forward):
+    """documents= (DocumentBounds) and a RoutedTokens route give exactly the results of
+    cu_seqlens and a bool route, and the calls then read nothing on the host (the bool route
+    and cu_seqlens cost one read each: the routed count, the validation)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    T, HQ, H, D = 70, 4, 2, 16
+    q, k, v, do = _inputs(T, HQ, H, D, torch.float32, seed=31)
+    route = torch.rand(T, generator=torch.Generator().manual_seed(32)) < 0.4
+    cu = torch.tensor([0, 25, 25, 70], dtype=torch.int32)
+    reads = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default):
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or tolist(t))
+
+    def run(f):
+        reads.clear()
+        with Reads():
+            got = _grads(f, q, k, v, do)
+        return got, len(reads)
+
+    docs = l2a_kernels.document_bounds(cu, T, q.device)
+    tokens = l2a_kernels.routed_tokens(route)
+    assert torch.equal(tokens.positions, torch.nonzero(route).squeeze(1).int()) and tokens.mask is route
+    assert torch.equal(docs.docstart, reference.doc_starts(cu, T, "cpu").int())
+    raw, n_raw = run(lambda *a: l2a_kernels.conditional_attention(*a, route, cu_seqlens=cu,
+                                                                  dense_forward=dense_forward))
+    prepared, n_prepared = run(lambda *a: l2a_kernels.conditional_attention(*a, tokens, documents=docs,
+                                                                            dense_forward=dense_forward))
+    assert (n_raw, n_prepared) == (2, 0)
+    for a, b in zip(raw, prepared):
+        assert torch.equal(a, b)
+    raw, n_raw = run(lambda *a: l2a_kernels.sliding_window_attention(*a, 9, cu_seqlens=cu))
+    prepared, n_prepared = run(lambda *a: l2a_kernels.sliding_window_attention(*a, 9, documents=docs))
+    assert (n_raw, n_prepared) == (1, 0)
+    for a, b in zip(raw, prepared):
+        assert torch.equal(a, b)
+    every = l2a_kernels.RoutedTokens.every(T, q.device)
+    ones = torch.ones(T, dtype=torch.bool)
+    assert torch.equal(l2a_kernels.conditional_attention(q, k, v, every, documents=docs),
+                       l2a_kernels.conditional_attention(q, k, v, ones, cu_seqlens=cu))
+
+
+def test_prepared_inputs_bad_input():
+    q, k, v, route = _good()
+    T = q.shape[0]
+    cu = torch.tensor([0, 5, T], dtype=torch.int32)
+    docs = l2a_kernels.document_bounds(cu, T, q.device)
+    with pytest.raises(ValueError, match="pass cu_seqlens or documents, not both"):
+        l2a_kernels.conditional_attention(q, k, v, route, cu_seqlens=cu, documents=docs)
+    with pytest.raises(TypeError, match="documents must be an l2a_kernels.DocumentBounds"):
+        l2a_kernels.sliding_window_attention(q, k, v, 3, documents=cu)
+    with pytest.raises(ValueError, match="documents were made for 8 tokens"):
+        l2a_kernels.conditional_attention(q, k, v, route, documents=l2a_kernels.document_bounds(None, 8, q.device))
+    with pytest.raises(ValueError, match="route \\(RoutedTokens\\) was made for \\(8,\\) tokens"):
+        l2a_kernels.conditional_attention(q, k, v, l2a_kernels.routed_tokens(route[:8]))
+    with pytest.raises(ValueError, match="cu_seqlens must end at T"):
+        l2a_kernels.document_bounds(cu, T + 1, q.device)
+    with pytest.raises(TypeError, match="route must be a bool tensor"):
+        l2a_kernels.routed_tokens(route.int())
+    with pytest.raises(ValueError, match="route must have shape"):
+        l2a_kernels.routed_tokens(route[None])
 
 
 def test_reference_is_memory_aware():
@@ -222,28 +364,28 @@ def _good(T=16, HQ=4, H=2, D=16):
     return q, k, v, torch.ones(T, dtype=torch.bool)
 
 
-@pytest.mark.parametrize(
-    "mutate,exc,match",
-    [
-        (lambda a: a.update(k=a["k"][:, :1].repeat(1, 3, 1), v=a["v"][:, :1].repeat(1, 3, 1)), ValueError,
-         "multiple of k/v heads"),
-        (lambda a: a.update(v=a["v"][:8]), ValueError, "k and v must have the same shape"),
-        (lambda a: a.update(k=a["k"][:8], v=a["v"][:8]), ValueError, "same length T"),
-        (lambda a: a.update(k=a["k"][..., :8], v=a["v"][..., :8]), ValueError, "same head_dim"),
-        (lambda a: a.update(v=a["v"].half()), TypeError, "share a dtype"),
-        (lambda a: a.update(q=a["q"][0]), ValueError, "q must have shape"),
-        (lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), TypeError, "dtype"),
-        (lambda a: a.update(route=a["route"][:5]), ValueError, "route must have shape"),
-        (lambda a: a.update(route=a["route"].int()), TypeError, "route must be a bool"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([1, 16], dtype=torch.int32)), ValueError, "start at 0"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([0, 10, 15], dtype=torch.int32)), ValueError, "end at T"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([0, 10, 5, 16], dtype=torch.int32)), ValueError,
-         "non-decreasing"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([0.0, 16.0])), TypeError, "cu_seqlens must be int32"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([[0, 16]], dtype=torch.int32)), ValueError, "1-D"),
-        (lambda a: a.update(scale=-1.0), ValueError, "scale"),
-    ],
-)
+BAD_INPUTS = [
+    (lambda a: a.update(k=a["k"][:, :1].repeat(1, 3, 1), v=a["v"][:, :1].repeat(1, 3, 1)), ValueError,
+     "multiple of k/v heads"),
+    (lambda a: a.update(v=a["v"][:8]), ValueError, "k and v must have the same shape"),
+    (lambda a: a.update(k=a["k"][:8], v=a["v"][:8]), ValueError, "same length T"),
+    (lambda a: a.update(k=a["k"][..., :8], v=a["v"][..., :8]), ValueError, "same head_dim"),
+    (lambda a: a.update(v=a["v"].half()), TypeError, "share a dtype"),
+    (lambda a: a.update(q=a["q"][0]), ValueError, "q must have shape"),
+    (lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), TypeError, "dtype"),
+    (lambda a: a.update(route=a["route"][:5]), ValueError, "route must have shape"),
+    (lambda a: a.update(route=a["route"].int()), TypeError, "route must be a bool"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([1, 16], dtype=torch.int32)), ValueError, "start at 0"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0, 10, 15], dtype=torch.int32)), ValueError, "end at T"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0, 10, 5, 16], dtype=torch.int32)), ValueError,
+     "non-decreasing"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0.0, 16.0])), TypeError, "cu_seqlens must be int32"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([[0, 16]], dtype=torch.int32)), ValueError, "1-D"),
+    (lambda a: a.update(scale=-1.0), ValueError, "scale"),
+]
+
+
+@pytest.mark.parametrize("mutate,exc,match", BAD_INPUTS, ids=[_slug(match) for _, _, match in BAD_INPUTS])
 def test_conditional_bad_input(mutate, exc, match):
     q, k, v, route = _good()
     a = dict(q=q, k=k, v=v, route=route, cu_seqlens=None, scale=None)
@@ -273,9 +415,30 @@ def test_sliding_window_bad_cu_seqlens():
 
 
 def test_public_api():
-    assert set(l2a_kernels.__all__) == {"conditional_attention", "sliding_window_attention", "reference"}
+    assert set(l2a_kernels.__all__) == {"conditional_attention", "sliding_window_attention", "reference", "LaunchPlan",
+                                        "KernelConfig", "default_plan", "INTERPRETED", "ATTENTION_FORWARD_OP",
+                                        "DocumentBounds", "document_bounds", "RoutedTokens", "routed_tokens"}
     assert callable(l2a_kernels.reference.conditional_attention)
     assert callable(l2a_kernels.reference.sliding_window_attention)
+    assert callable(l2a_kernels.reference.attention)
+    namespace, name = l2a_kernels.ATTENTION_FORWARD_OP.split("::")
+    assert getattr(getattr(torch.ops, namespace), name).default is not None
+
+
+def test_the_folder_imported_as_kernels_is_the_same_package(monkeypatch):
+    """With the repository root on sys.path the folder is also importable as `kernels` (and
+    transformers imports that name to probe for Hugging Face's package): it must re-export
+    l2a_kernels, not load a second copy of its modules (a second registration of the operator)."""
+    import importlib
+    from pathlib import Path
+
+    root = Path(l2a_kernels.__file__).resolve().parent.parent
+    monkeypatch.syspath_prepend(str(root))
+    mod = importlib.import_module("kernels")
+    assert Path(mod.__file__).resolve().parent == root / "kernels"
+    assert mod.conditional_attention is l2a_kernels.conditional_attention
+    assert mod.reference is l2a_kernels.reference
+    assert not [name for name in sys.modules if name.startswith("kernels.")]
 
 
 @pytest.mark.parametrize("cu", [None, [0, 41, 90]])
@@ -289,7 +452,7 @@ def test_dense_forward_computes_every_token_and_routes_the_gradient(cu):
     masked_do = do * route[:, None, None]
     got = _grads(lambda *a: l2a_kernels.conditional_attention(*a, route, cu_seqlens=cu_t, dense_forward=True),
                  q, k, v, masked_do)
-    truth = _grads(lambda *a: reference._attention(*a, torch.arange(T), cu_t, None, None, torch.float64),
+    truth = _grads(lambda *a: reference.attention(*a, torch.arange(T), cu_t, None, None, torch.float64),
                    q, k, v, masked_do, torch.float64)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, truth):
         assert _rel(a, b) < 1e-5, name

@@ -6,11 +6,13 @@ within 4x that of the same computation done by PyTorch in bf16 (reference in bf1
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import l2a_kernels
-from l2a_kernels import ops, reference
+from l2a_kernels import default_plan, reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -19,9 +21,8 @@ pytestmark = [
 
 
 @pytest.fixture(autouse=True)
-def compiled(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return ops._kernels()
+def compiled():
+    assert not l2a_kernels.INTERPRETED, "the kernels were imported for the interpreter: unset TRITON_INTERPRET"
 
 
 def _inputs(T, HQ, H, D, dtype=torch.bfloat16, seed=0):
@@ -42,8 +43,8 @@ def _rel(a, b):
 
 def _compare(kernel_fn, idx, cu, window, q, k, v, do):
     got = _run(kernel_fn, q, k, v, do)
-    ref = _run(lambda *a: reference._attention(*a, idx, cu, window, None, torch.float32), q, k, v, do, torch.float32)
-    low = _run(lambda *a: reference._attention(*a, idx, cu, window, None, q.dtype), q, k, v, do)
+    ref = _run(lambda *a: reference.attention(*a, idx, cu, window, None, torch.float32), q, k, v, do, torch.float32)
+    low = _run(lambda *a: reference.attention(*a, idx, cu, window, None, q.dtype), q, k, v, do)
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, ref, low):
         assert torch.isfinite(a).all(), name
         err, err_torch = _rel(a, b), _rel(c, b)
@@ -54,41 +55,44 @@ def _compare(kernel_fn, idx, cu, window, q, k, v, do):
 SHAPES = [(28, 4, 128), (14, 2, 64)]
 
 
-# kernel variants: (DQ_MODE, DKDV_LAYOUT, KV_TMA, EDGE_HALF)
-VARIANTS = [(0, "gather", False, True), (0, "rows", True, True), (0, "rows_tma", True, True),
-            (0, "rows_tma", False, False), (1, "gather", True, True), (2, "gather", True, True),
-            (2, "rows_tma", True, True)]
+# launch-plan switches over the default plan of each head dim (which has every one on)
+VARIANTS = {
+    "default": {},
+    "dkdv-pointer-loads": dict(dkdv_tma=False),
+    "kv-pointer-loads": dict(fwd_kv_tma=False, dq_kv_tma=False),
+    "no-tma": dict(fwd_kv_tma=False, dq_kv_tma=False, dkdv_tma=False),
+    "no-tma-edge-full-dp-last": dict(fwd_kv_tma=False, dq_kv_tma=False, dkdv_tma=False, dkdv_edge_half=False,
+                                     dkdv_dp_first=False),
+    "edge-full": dict(dkdv_edge_half=False),
+}
 
 
-def _set_variant(compiled, monkeypatch, dq_mode, layout, kv_tma=True, edge_half=True):
-    monkeypatch.setattr(compiled, "DQ_MODE", {64: dq_mode, 128: dq_mode})
-    monkeypatch.setattr(compiled, "DKDV_LAYOUT", {64: layout, 128: layout})
-    monkeypatch.setattr(compiled, "KV_TMA", {kind: {64: kv_tma, 128: kv_tma} for kind in ("fwd", "dq")})
-    monkeypatch.setattr(compiled, "EDGE_HALF", edge_half)
+def _plan(D, variant):
+    return dataclasses.replace(default_plan(D, interpreted=False), **VARIANTS[variant])
 
 
-@pytest.mark.parametrize("dq_mode, layout, kv_tma, edge_half", VARIANTS)
-@pytest.mark.parametrize("HQ,H,D", SHAPES)
-def test_conditional_bf16(compiled, monkeypatch, HQ, H, D, dq_mode, layout, kv_tma, edge_half):
-    _set_variant(compiled, monkeypatch, dq_mode, layout, kv_tma, edge_half)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("HQ,H,D", SHAPES, ids=[f"{hq}-{h}-{d}" for hq, h, d in SHAPES])
+def test_conditional_bf16(HQ, H, D, variant):
+    plan = _plan(D, variant)
     T = 8191
     q, k, v, do = _inputs(T, HQ, H, D, seed=D)
     route = torch.rand(T, device="cuda") < 0.2
     cu = torch.tensor([0, 3000, 3001, 5000, T], dtype=torch.int32, device="cuda")
-    out, dq, _, _ = _compare(lambda *a: l2a_kernels.conditional_attention(*a, route, cu_seqlens=cu),
+    out, dq, _, _ = _compare(lambda *a: l2a_kernels.conditional_attention(*a, route, cu_seqlens=cu, plan=plan),
                              torch.nonzero(route).squeeze(1), cu, None, q, k, v, do)
     assert (out[~route] == 0).all() and (dq[~route] == 0).all()
 
 
-@pytest.mark.parametrize("dq_mode, layout, kv_tma", [(0, "gather", False), (0, "rows_tma", True), (2, "rows_tma", True)])
-@pytest.mark.parametrize("HQ,H,D", SHAPES)
-def test_sliding_window_bf16(compiled, monkeypatch, HQ, H, D, dq_mode, layout, kv_tma):
-    _set_variant(compiled, monkeypatch, dq_mode, layout, kv_tma)
+@pytest.mark.parametrize("variant", ["default", "no-tma", "dkdv-pointer-loads"])
+@pytest.mark.parametrize("HQ,H,D", SHAPES, ids=[f"{hq}-{h}-{d}" for hq, h, d in SHAPES])
+def test_sliding_window_bf16(HQ, H, D, variant):
+    plan = _plan(D, variant)
     T, W = 8192, 1000
     q, k, v, do = _inputs(T, HQ, H, D, seed=D + 1)
     cu = torch.tensor([0, 2500, T], dtype=torch.int32, device="cuda")
-    _compare(lambda *a: l2a_kernels.sliding_window_attention(*a, W, cu_seqlens=cu), torch.arange(T, device="cuda"),
-             cu, W, q, k, v, do)
+    _compare(lambda *a: l2a_kernels.sliding_window_attention(*a, W, cu_seqlens=cu, plan=plan),
+             torch.arange(T, device="cuda"), cu, W, q, k, v, do)
 
 
 def test_density_one_matches_sdpa_and_zero_gives_zeros():

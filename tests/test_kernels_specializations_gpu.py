@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import l2a_kernels
-from l2a_kernels import ops, reference
+from l2a_kernels import reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,10 +34,7 @@ COUNTS = [0, 1, 2, 15, 16, 17, 31, 32, 33, 1000, "all"]
 
 @pytest.fixture(autouse=True, scope="module")
 def compiled():
-    mp = pytest.MonkeyPatch()
-    mp.delenv("TRITON_INTERPRET", raising=False)
-    yield ops._kernels()
-    mp.undo()
+    assert not l2a_kernels.INTERPRETED, "the kernels were imported for the interpreter: unset TRITON_INTERPRET"
 
 
 def _documents(kind: str, T: int):

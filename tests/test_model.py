@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
+import l2a_kernels
 import l2a_train  # noqa: F401  (registers the Auto classes)
 from l2a_configs import UserError, compose
 from l2a_train.model import apply_trainable, build_base, build_model, convert_model, select_layers
@@ -334,10 +335,10 @@ def test_kernels_causal_matches_reference(starts):
     B, L, HQ, H, D = 2, 80, 4, 2, 16
     q, k, v = (torch.randn(B, L, h, D, requires_grad=True) for h in (HQ, H, H))
     pos = torch.cat([torch.arange(b - a) for a, b in zip(starts, starts[1:] + [L])])
-    layout = DocumentLayout.from_position_ids(pos[None], B, L, q.device)
-    assert layout.one_document_per_row == (len(starts) == 1)
     outs = {}
     for backend in ("reference", "kernels"):
+        layout = DocumentLayout.from_position_ids(pos[None], B, L, q.device, backend)
+        assert layout.one_document_per_row == (len(starts) == 1)
         out = attention.causal(q, k, v, layout, 0.25, backend)
         grads = torch.autograd.grad((out * out).sum(), (q, k, v))
         outs[backend] = (out, *grads)
@@ -373,15 +374,14 @@ def test_kernels_dense_path_matches_reference():
 def test_keep_attention_checkpointing_keeps_kernel_outputs_and_same_gradients(monkeypatch):
     """Selective checkpointing (trainer.keep_attention_outputs): the attention kernels run once
     per call, as without checkpointing (plain checkpointing runs them twice), same gradients."""
-    from l2a_kernels import ops
+    from l2a_kernels import _triton_attn
     from l2a_train.model.checkpointing import enable_checkpointing
 
     _, model = base_and_l2a("tiny_qwen3", "l2a.window=8", "l2a.p_dense=0.5", "l2a.backend=kernels")
     model.train()
-    kern = ops._kernels()
     calls = []
-    forward = kern.forward
-    monkeypatch.setattr(kern, "forward", lambda *a: calls.append(1) or forward(*a))
+    forward = _triton_attn.forward  # the forward kernel's launch, counted
+    monkeypatch.setattr(_triton_attn, "forward", lambda *a: calls.append(1) or forward(*a))
     ids = tokens(length=40)
 
     def grads():
@@ -400,6 +400,68 @@ def test_keep_attention_checkpointing_keeps_kernel_outputs_and_same_gradients(mo
     assert n_kept == n_plain
     for a, b in zip(plain, kept, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _HostReads:
+    """Counts what reads device values on the host (a sync on CUDA), whatever the device:
+    nonzero (its output size), .item() / bool() / int() (aten._local_scalar_dense), torch.equal,
+    and Tensor.tolist (no aten op of its own: patched)."""
+
+    OPS = {"nonzero": torch.ops.aten.nonzero.default, "item": torch.ops.aten._local_scalar_dense.default,
+           "equal": torch.ops.aten.equal.default}
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.counts = {}
+        names = {op: name for name, op in self.OPS.items()}
+        counts = self.counts
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in names:
+                    counts[names[func]] = counts.get(names[func], 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        tolist = torch.Tensor.tolist
+
+        def counted_tolist(t):
+            counts["tolist"] = counts.get("tolist", 0) + 1
+            return tolist(t)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+        self.mode = Mode()
+
+
+@pytest.mark.skipif(not l2a_kernels.INTERPRETED, reason="CPU tensors reach the Triton kernels only when they run "
+                    "interpreted (conftest sets TRITON_INTERPRET=1 on machines without CUDA)")
+@pytest.mark.parametrize("checkpointing", ["none", "plain", "keep-attention"])
+def test_kernels_training_step_reads_the_host_once_per_l2a_layer(monkeypatch, checkpointing):
+    """A training forward + backward on the kernels backend (packed documents, dense path on in
+    some layers) reads device values on the host only where unavoidable: once for the document
+    layout (its number of documents), once to validate it for the kernels, and once per L2A
+    layer (its routed count, which sizes the compact kernels' launch). Recomputation under
+    activation checkpointing reuses them."""
+    from l2a_train.model.checkpointing import enable_checkpointing
+
+    _, model = base_and_l2a("tiny_qwen3", "l2a.window=8", "l2a.p_dense=0.5", "l2a.backend=kernels")
+    model.train()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer, "router"):
+                layer.router.weight.normal_(std=0.05)
+    if checkpointing != "none":
+        enable_checkpointing(model, keep_attention=checkpointing == "keep-attention")
+    n_l2a = model.config.num_l2a_layers
+    assert n_l2a >= 2
+    ids, pos = packed_row(seed_b=4)  # two documents in the row
+    reads = _HostReads(monkeypatch)
+    model.set_routing_step(3)
+    with reads.mode:
+        out = model.model(input_ids=ids, position_ids=pos)
+        (out.last_hidden_state.square().mean() + out.router_reg).backward()
+    assert reads.counts == {"nonzero": 1 + n_l2a, "tolist": 1}, reads.counts
+    assert 0.0 < float(out.routed_fraction.min()) and float(out.routed_fraction.max()) < 1.0
 
 
 def test_keep_attention_checkpointing_on_a_transformers_model():

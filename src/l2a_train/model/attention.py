@@ -27,7 +27,8 @@ BACKENDS = ("auto", "reference", "kernels", "dense")
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """`auto` picks the kernels on CUDA and the reference elsewhere; `dense` computes like `auto`
-    but always takes the dense global path (see L2ADecoderLayer)."""
+    but always takes the dense global path (see L2ADecoderLayer). Resolved once per forward,
+    carried by the DocumentLayout."""
     if backend not in BACKENDS:
         raise ValueError(f"l2a.backend must be one of {BACKENDS}, got '{backend}'")
     if backend in ("auto", "dense"):
@@ -63,7 +64,8 @@ def sliding_window(q, k, v, layout: DocumentLayout, window: int, scale: float, b
         return _sdpa(q, k, v, layout.mask(window), scale)
     from l2a_kernels import sliding_window_attention
 
-    out = sliding_window_attention(_flat(q), _flat(k), _flat(v), window, cu_seqlens=layout.cu_seqlens, scale=scale)
+    out = sliding_window_attention(_flat(q), _flat(k), _flat(v), window, documents=layout.kernel_documents,
+                                   scale=scale)
     return out.view_as(q)
 
 
@@ -76,18 +78,24 @@ def causal(q, k, v, layout: DocumentLayout, scale: float, backend: str):
         # kernel at density 1.
         with _fused_sdpa_backends(q.device):
             return _sdpa(q, k, v, None, scale, is_causal=True)
-    route = torch.ones(q.shape[0] * q.shape[1], dtype=torch.bool, device=q.device)
-    return conditional(q, k, v, layout, route.view(q.shape[:2]), scale, backend)
+    from l2a_kernels import RoutedTokens, conditional_attention
+
+    every = RoutedTokens.every(q.shape[0] * q.shape[1], q.device)  # no host sync
+    out = conditional_attention(_flat(q), _flat(k), _flat(v), every, documents=layout.kernel_documents, scale=scale)
+    return out.view_as(q)
 
 
 def conditional(q, k, v, layout: DocumentLayout, route: torch.Tensor, scale: float, backend: str,
-                dense_forward: bool = False):
+                dense_forward: bool = False, key=None):
     """Global attention for routed tokens (route: bool [B, L]); exact zeros for the others.
 
     dense_forward (L2A's dense path): every token gets its attention in the forward, and only
     the routed rows pass gradient back. The caller multiplies the output by the 0/1 route, so
     the other rows' gradient is zero anyway: the backward is the query-sparse one, ~density x
-    the cost of a dense backward, with the same gradients."""
+    the cost of a dense backward, with the same gradients.
+
+    key (the layer index): the routed positions are worked out once per forward and key (one
+    host sync), and reused when activation checkpointing recomputes the layer."""
     if backend == "reference":
         out = _sdpa(q, k, v, layout.mask(), scale)
         if dense_forward:
@@ -96,7 +104,7 @@ def conditional(q, k, v, layout: DocumentLayout, route: torch.Tensor, scale: flo
     from l2a_kernels import conditional_attention
 
     out = conditional_attention(
-        _flat(q), _flat(k), _flat(v), route.reshape(-1), cu_seqlens=layout.cu_seqlens, scale=scale,
-        dense_forward=dense_forward,
+        _flat(q), _flat(k), _flat(v), layout.routed_tokens(route, key), documents=layout.kernel_documents,
+        scale=scale, dense_forward=dense_forward,
     )
     return out.view_as(q)

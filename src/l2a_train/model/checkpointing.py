@@ -3,7 +3,7 @@
 Plain checkpointing recomputes each layer's forward in the backward pass, attention included:
 at 128K that recomputation is about a fifth of an L2A training step. `keep_attention=True`
 uses torch's selective activation checkpointing instead: the outputs of the attention
-operators (our kernels' forward, registered as `l2a_kernels::attention_forward`, and torch's
+operators (our kernels' forward, the operator named `l2a_kernels.ATTENTION_FORWARD_OP`, and torch's
 fused SDPA kernels) are kept from the forward, everything else (projections, norms, MLP) is
 recomputed. Cost: each attention output, T x heads x head_dim values per attention call, kept
 per layer until its backward (about 0.8 GB per L2A layer at 128K for Qwen2.5-1.5B).
@@ -31,9 +31,10 @@ _SDPA_OPS = (
 @functools.cache
 def attention_ops() -> tuple:
     """The operators whose outputs `keep_attention` saves."""
-    import l2a_kernels.ops  # noqa: F401  (registers l2a_kernels::attention_forward)
+    from l2a_kernels import ATTENTION_FORWARD_OP  # importing l2a_kernels registers the operator
 
-    ops = [torch.ops.l2a_kernels.attention_forward.default]
+    namespace, name = ATTENTION_FORWARD_OP.split("::")
+    ops = [getattr(getattr(torch.ops, namespace), name).default]
     ops += [getattr(torch.ops.aten, name).default for name in _SDPA_OPS if hasattr(torch.ops.aten, name)]
     return tuple(ops)
 

@@ -4,13 +4,20 @@ Rows are packed with several documents; position ids restart at 0 where a docume
 (that is how `l2a_data_prep` writes them and how Hugging Face marks packed sequences). No
 token may attend across a document boundary, in either attention. Batch rows are flattened
 into one varlen sequence for the kernels, so a row start is also a document start.
+
+The layout also carries what every layer of one forward shares, so that it is worked out once:
+the attention backend, the kernels' validated document bounds, and the routed positions of each
+L2A layer (kept for activation checkpointing's recomputation of the layer).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
+
+BACKENDS = ("reference", "kernels")  # resolved backends (l2a_train.model.attention.resolve_backend)
 
 
 @dataclass
@@ -19,9 +26,17 @@ class DocumentLayout:
     cu_seqlens: torch.Tensor  # Int32 [num_docs + 1]: document starts in the flattened B*L tokens
     batch: int
     length: int
+    backend: str  # "reference" or "kernels", for every layer of this forward
+    _routed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"DocumentLayout.backend must be a resolved backend, one of {BACKENDS}, "
+                             f"got {self.backend!r} (see attention.resolve_backend)")
 
     @classmethod
-    def from_position_ids(cls, position_ids: torch.Tensor | None, batch: int, length: int, device) -> "DocumentLayout":
+    def from_position_ids(cls, position_ids: torch.Tensor | None, batch: int, length: int, device,
+                          backend: str) -> "DocumentLayout":
         if position_ids is None:
             starts = torch.zeros(batch, length, dtype=torch.bool, device=device)
         else:
@@ -30,22 +45,47 @@ class DocumentLayout:
             starts = (position_ids == 0).expand(batch, length)
         starts = starts.clone()
         starts[:, 0] = True
-        return cls.from_starts(starts)
+        return cls.from_starts(starts, backend)
 
     @classmethod
-    def from_document_ids(cls, document_ids: torch.Tensor) -> "DocumentLayout":
+    def from_document_ids(cls, document_ids: torch.Tensor, backend: str) -> "DocumentLayout":
         """An explicit document index per token (any labels; a change of label starts a document)."""
         starts = torch.ones_like(document_ids, dtype=torch.bool)
         starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-        return cls.from_starts(starts)
+        return cls.from_starts(starts, backend)
 
     @classmethod
-    def from_starts(cls, starts: torch.Tensor) -> "DocumentLayout":
+    def from_starts(cls, starts: torch.Tensor, backend: str) -> "DocumentLayout":
+        """One host sync (the number of documents)."""
         batch, length = starts.shape
         doc_ids = starts.long().cumsum(-1) - 1
         flat = starts.reshape(-1).nonzero().squeeze(-1).to(torch.int32)
         total = torch.tensor([batch * length], dtype=torch.int32, device=starts.device)
-        return cls(doc_ids=doc_ids, cu_seqlens=torch.cat([flat, total]), batch=batch, length=length)
+        return cls(doc_ids=doc_ids, cu_seqlens=torch.cat([flat, total]), batch=batch, length=length, backend=backend)
+
+    @functools.cached_property
+    def kernel_documents(self):
+        """The kernels' `DocumentBounds` of the flattened batch: validated (one host sync) and
+        computed on first use, then shared by every kernel call of this forward."""
+        from l2a_kernels import document_bounds
+
+        return document_bounds(self.cu_seqlens, self.batch * self.length, self.cu_seqlens.device)
+
+    def routed_tokens(self, route: torch.Tensor, key=None):
+        """The kernels' `RoutedTokens` of a bool [B, L] route (one host sync: the routed count).
+        With a key (the layer index), made once per forward: activation checkpointing recomputes
+        the layer with the same route, and then reuses these instead of syncing again."""
+        from l2a_kernels import routed_tokens
+
+        if key is None:
+            return routed_tokens(route.reshape(-1))
+        if key not in self._routed:
+            self._routed[key] = routed_tokens(route.reshape(-1))
+        tokens = self._routed[key]
+        if tokens.mask.shape != (route.numel(),):
+            raise ValueError(f"routed tokens for key {key!r} were made for {tokens.mask.numel()} tokens, this route "
+                             f"has {route.numel()}: one key per layer and forward")
+        return tokens
 
     @property
     def one_document_per_row(self) -> bool:

@@ -96,7 +96,7 @@ class L2ADecoderLayer(nn.Module):
         the attentions then read and extend it instead of seeing only `x`."""
         cfg = self.config
         cos, sin = position_embeddings
-        backend = attn_ops.resolve_backend(cfg.l2a_backend, x.device)
+        backend = layout.backend
         attn = self.self_attn
 
         q, k, v = project_qkv(attn, self.input_layernorm(x), cos, sin, self.rotary, cfg)
@@ -143,7 +143,7 @@ class L2ADecoderLayer(nn.Module):
         if cache is not None:  # inference: skipped tokens' K/V are cached all the same
             g = cache.global_attention(q, k, v, layout, route, scale, backend, dense=dense)
         else:  # dense: every token attends, so skipped tokens get gradient through d
-            g = attn_ops.conditional(q, k, v, layout, route, scale, backend, dense_forward=dense)
+            g = attn_ops.conditional(q, k, v, layout, route, scale, backend, dense_forward=dense, key=self.layer_idx)
         g = g.flatten(2) * d.to(g.dtype)[..., None]
         h = h + self.global_attn.o_proj(g)
         terms = torch.stack([p_sq, route.float().mean(), p.mean()]).float()

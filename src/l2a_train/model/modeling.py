@@ -21,6 +21,7 @@ from transformers.models.qwen3 import modeling_qwen3 as qwen3
 from .cache import L2ACache, cache_field_name
 from .config import L2AQwen2Config, L2AQwen3Config
 from . import fused_ops
+from .attention import resolve_backend
 from .documents import DocumentLayout
 from .layer import L2ADecoderLayer, Router
 
@@ -90,10 +91,12 @@ class L2AModelMixin:
             position_ids = self._check_cached_positions(cache, position_ids, document_ids, batch, length, x.device)
         if position_ids is None:
             position_ids = torch.arange(length, device=x.device).expand(batch, length)
+        # one layout per forward: documents, the backend and the kernels' inputs, shared by every layer
+        backend = resolve_backend(self.config.l2a_backend, x.device)
         if document_ids is not None:
-            layout = DocumentLayout.from_document_ids(document_ids)
+            layout = DocumentLayout.from_document_ids(document_ids, backend)
         else:
-            layout = DocumentLayout.from_position_ids(position_ids, batch, length, x.device)
+            layout = DocumentLayout.from_position_ids(position_ids, batch, length, x.device, backend)
         position_embeddings = self.rotary_emb(x, position_ids)
 
         terms = []
