@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from l2a_configs import UserError
+from l2a_common import UserError
 from l2a_train import checkpoint as ck
 from l2a_train.distributed import world
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import l2a_train  # noqa: F401  (registers the Auto classes)
-from l2a_configs import UserError, compose
+from l2a_common import UserError, compose
 from l2a_train.convert import convert
 from l2a_train.eval import evaluate
 from l2a_train.model import build_base, convert_model

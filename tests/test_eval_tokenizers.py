@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from l2a_configs import UserError, compose
+from l2a_common import UserError, compose
 from l2a_train.evaluation import retrieval
 from l2a_train.prune import prune
 

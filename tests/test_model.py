@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 import l2a_train  # noqa: F401  (registers the Auto classes)
-from l2a_configs import UserError, compose
+from l2a_common import UserError, compose
 from l2a_train.model import apply_trainable, build_base, build_model, convert_model, select_layers
 from l2a_train.model.layer import dense_path_drawn
 

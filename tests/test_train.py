@@ -36,7 +36,7 @@ STEPS = 6
 
 RUNNER = r"""
 import json, os, sys, time
-from l2a_configs import UserError, compose
+from l2a_common import UserError, compose
 from l2a_train.train import run
 
 results = []
@@ -360,7 +360,7 @@ def test_plot_cli_several_runs(work, single, tmp_path):
 
 
 def _check(data, *overrides, world_size=1):
-    from l2a_configs import compose
+    from l2a_common import compose
     from l2a_train.train import check_config
 
     return check_config(compose("train", ["experiment=quickstart", f"data.path={data}", "model.path=null", "l2a.window=32",
@@ -385,7 +385,7 @@ def _check(data, *overrides, world_size=1):
     ],
 )
 def test_config_errors(data, overrides, world, expected):
-    from l2a_configs import UserError
+    from l2a_common import UserError
 
     with pytest.raises(UserError) as err:
         _check(data, *overrides, world_size=world)
@@ -430,7 +430,7 @@ def test_gpu_smoke_bf16_kernels_liger(work, data):
 
 
 def _convert(out, tokenizer, *extra):
-    from l2a_configs import compose
+    from l2a_common import compose
     from l2a_train.convert import main as convert_main
 
     if not out.exists():

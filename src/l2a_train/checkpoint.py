@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 from . import distributed as dist_utils
 

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from l2a_configs import UserError, hydra_app
+from l2a_common import UserError, hydra_app
 
 log = logging.getLogger("l2a-convert")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from l2a_configs import UserError
+from l2a_common import UserError
 from l2a_data_prep import format as fmt
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from l2a_configs import UserError, hydra_app
+from l2a_common import UserError, hydra_app
 
 from .evaluation import kv_report, loading
 

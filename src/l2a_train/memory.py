@@ -28,7 +28,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 GIB = 2**30
 RESERVE = 0.05  # of the device memory: CUDA context, workspaces, allocator fragmentation

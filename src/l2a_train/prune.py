@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from l2a_configs import UserError, hydra_app
+from l2a_common import UserError, hydra_app
 
 from .convert import write_atomically
 from .data import check_tokenizer_matches

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 log = logging.getLogger("l2a_train")
 

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import l2a_configs
-from l2a_configs import UserError
+import l2a_common
+from l2a_common import UserError
 from l2a_data_prep.tokenizer import has_tokenizer
 
 from . import checkpoint as ckpt_lib
@@ -85,7 +85,7 @@ class CausalLMWithLoss(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Config checks: cheap, before any heavy work; each failure is one line (l2a_configs.UserError)
+# Config checks: cheap, before any heavy work; each failure is one line (l2a_common.UserError)
 
 
 def _model_facts(cfg) -> dict:
@@ -656,7 +656,7 @@ def _release(engine) -> None:
         torch.cuda.empty_cache()
 
 
-main = l2a_configs.hydra_app("train")(run)
+main = l2a_common.hydra_app("train")(run)
 
 if __name__ == "__main__":
     main()

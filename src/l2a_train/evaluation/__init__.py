@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 from . import loading, perplexity, report, retrieval
 from .router import RouterProbe

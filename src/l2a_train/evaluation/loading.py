@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from l2a_configs import UserError
+from l2a_common import UserError
 from l2a_data_prep.tokenizer import has_tokenizer
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 from .config import CONFIG_BY_FAMILY, FAMILY_BY_MODEL_TYPE, L2A_DEFAULTS
 from .modeling import MODEL_BY_FAMILY
