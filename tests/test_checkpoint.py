@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from l2a_common import UserError
-from l2a_train import checkpoint as ck
-from l2a_train.distributed import world
+from l2a_train.training import checkpoints as ck
+from l2a_train.training.distributed import world
 
 
 class FakeEngine:

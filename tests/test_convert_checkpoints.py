@@ -19,10 +19,10 @@ import pytest
 
 import l2a_train  # noqa: F401  (registers the Auto classes)
 from l2a_common import UserError, compose
-from l2a_train.convert import convert
-from l2a_train.eval import evaluate
+from l2a_train.convert_checkpoint import convert
+from l2a_train.evaluation.evaluate import evaluate
 from l2a_train.model import build_base, convert_model
-from l2a_train.prune import prune
+from l2a_train.prune_checkpoint import prune
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.usefixtures("single_thread")

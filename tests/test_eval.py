@@ -21,7 +21,7 @@ from l2a_common import UserError, compose
 from l2a_data_prep import synthetic, tokenizer
 from l2a_data_prep.pipeline import prepare
 from l2a_train.data import PackedDataset, position_ids
-from l2a_train.eval import evaluate
+from l2a_train.evaluation.evaluate import evaluate
 from l2a_train.evaluation import RouterProbe, perplexity, retrieval
 from l2a_train.model import build_base, convert_model, prune_layers
 

@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 
 from l2a_common import UserError, compose
 from l2a_train.evaluation import retrieval
-from l2a_train.prune import prune
+from l2a_train.prune_checkpoint import prune
 
 BIN = Path(sys.executable).parent
 WIDE_VOCAB = 24000

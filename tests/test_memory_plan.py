@@ -72,7 +72,7 @@ def test_plan_over_the_device_stops_before_the_model_with_one_line(tmp_path, dat
 ])
 def test_plan_within_ten_percent_of_measured_peaks(name, overrides, seq_len, measured_gib):
     from l2a_common import compose
-    from l2a_train import memory
+    from l2a_train.training import memory
     from l2a_train.model.convert import BASE_CONFIGS
 
     cfg = compose("train", [*overrides, "model.path=null", "data.path=unused"])
@@ -83,7 +83,7 @@ def test_plan_within_ten_percent_of_measured_peaks(name, overrides, seq_len, mea
 
 def test_zero_sharding_and_offload_shrink_the_plan():
     from l2a_common import compose
-    from l2a_train import memory
+    from l2a_train.training import memory
     from l2a_train.model.convert import BASE_CONFIGS
 
     def total(*overrides, world=1):

@@ -1,4 +1,4 @@
-"""`l2a-eval`: long-context evaluation of any checkpoint (base Qwen, full-attention, L2A, pruned).
+"""What `l2a-eval` does: long-context evaluation of any checkpoint (base Qwen, full-attention, L2A, pruned).
 
     l2a-eval model.path=checkpoints/quickstart-l2a data.path=data/quickstart output=results/eval
     l2a-eval eval=ruler model.path=/ckpt/qwen3-8b-l2a data.path=/data/heldout output=results/qwen3-8b-l2a
@@ -19,11 +19,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from l2a_common import UserError, hydra_app
+from l2a_common import UserError
 
-from .convert import write_atomically
-from .data import check_tokenizer_matches
-from .evaluation import check_suite, loading, model_summary, open_data, report, run_suite
+from ..atomic import write_atomically
+from ..data import check_tokenizer_matches
+from . import check_suite, loading, model_summary, open_data, report, run_suite
 
 log = logging.getLogger("l2a-eval")
 KV_LENGTH = 131072  # context length of the KV-cache figure in the report
@@ -60,8 +60,3 @@ def evaluate(cfg) -> dict:
     log.info("wrote %s\n%s", output, report.markdown(results))
     return results
 
-
-main = hydra_app("eval")(evaluate)
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,5 @@
-"""`l2a-convert`: a base Qwen2/Qwen3 checkpoint (or a config) -> an L2A checkpoint directory.
+"""What `l2a-convert` does: a base Qwen2/Qwen3 checkpoint (or a config) -> an L2A checkpoint directory
+(the in-memory conversion is `l2a_train.model.convert`).
 
 Everything is validated and built in memory first, then written to a temporary sibling
 directory and renamed, so a failed conversion never leaves a half-written output.
@@ -7,11 +8,11 @@ directory and renamed, so a failed conversion never leaves a half-written output
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
-from l2a_common import UserError, hydra_app
+from l2a_common import UserError
+
+from .atomic import write_atomically
 
 log = logging.getLogger("l2a-convert")
 
@@ -27,26 +28,6 @@ def resolve_tokenizer_dir(cfg) -> Path | None:
         if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
             return path
     return None
-
-
-def write_atomically(output: Path, overwrite: bool, write) -> None:
-    """Call write(tmp_dir), then move tmp_dir to output (replacing it only if overwrite)."""
-    if output.exists() and not overwrite:
-        raise UserError(f"output={output} already exists; choose another directory or pass overwrite=true")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        if output.exists():
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def convert(cfg) -> Path:
@@ -82,8 +63,3 @@ def convert(cfg) -> Path:
     )
     return output
 
-
-main = hydra_app("convert")(convert)
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
-"""`l2a-train`: continued pretraining of an L2A model with DeepSpeed, in one file.
+"""What `l2a-train` does: continued pretraining of an L2A model with DeepSpeed.
 
     l2a-train experiment=quickstart                      # the quickstart's tiny run
     l2a-train experiment=qwen3_8b_128k model.path=... data.path=...
-    torchrun --nproc_per_node=8 -m l2a_train.train experiment=...
+    torchrun --nproc_per_node=8 -m l2a_train.cli.train experiment=...
     l2a-train -m experiment=... l2a.regularizer.lambda_max=1e-8,1e-7 trainer.lr=2e-5,5e-5   # a sweep
 
 Read top to bottom: `run(cfg)` checks the config, sets up the process group, the data, the
@@ -18,9 +18,11 @@ optimizer steps. One step:
 The LM loss is normalised by the number of target tokens of the whole global batch (all ranks
 and micro-steps), so the update does not depend on how the batch is split across processes.
 
-Everything else lives in small modules: distributed.py (process group), loss.py (fused
-cross-entropy), schedules.py, checkpoint.py (atomic save / exact resume / HF export),
-metrics.py (metrics.jsonl, wandb, progress bar, MFU), plot.py (curves.png), sweep.py (summaries).
+Everything else lives in small modules of this package: distributed.py (process group),
+engine.py (the model and its loss as one module), loss.py (fused cross-entropy), schedules.py,
+checkpoints.py (atomic save / exact resume / HF export), resume.py (same run or set aside),
+memory.py (the memory plan), metrics.py (metrics.jsonl, wandb, progress bar, MFU), sweep.py
+(summaries); `l2a_train.curves` draws curves.png.
 """
 
 from __future__ import annotations
@@ -37,52 +39,20 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import l2a_common
 from l2a_common import UserError
 from l2a_data_prep.tokenizer import has_tokenizer
 
-from . import checkpoint as ckpt_lib
+from . import checkpoints as ckpt_lib
 from . import distributed as dist_utils
 from . import memory as memory_lib
 from . import resume as resume_lib
-from .loss import linear_cross_entropy, next_token_labels
+from .engine import CausalLMWithLoss
+from .loss import next_token_labels
 from .metrics import FlopsCounter, MetricsLogger, peak_flops, peak_memory_gib, summarize_routing
 from .schedules import LAMBDA_SCHEDULES, LR_SCHEDULES, lambda_at, lr_at
-from .sweep import job_dirname, write_run_summary
+from .sweep import write_run_summary
 
 log = logging.getLogger("l2a_train")
-
-# sweep job folders: Hydra's override_dirname made safe for paths (configs/train.yaml)
-if not OmegaConf.has_resolver("l2a_job_dir"):
-    OmegaConf.register_new_resolver("l2a_job_dir", job_dirname)
-
-
-# ---------------------------------------------------------------------------------------------
-# The model and its loss, as one module for DeepSpeed
-
-
-class CausalLMWithLoss(torch.nn.Module):
-    """forward -> (loss to back-propagate, LM loss sum, R, routed fraction, mean p per layer).
-
-    The LM loss is a sum over target tokens times `lm_scale` (1 / tokens of the global batch,
-    times the factor DeepSpeed divides by); logits are never materialised (loss.py)."""
-
-    def __init__(self, model, loss_backend: str = "auto", zero_stage: int = 0):
-        super().__init__()
-        self.model = model
-        self.loss_backend = loss_backend
-        if zero_stage == 3:  # lm_head.weight is used outside lm_head.forward: ZeRO-3 must gather it here
-            import deepspeed
-
-            deepspeed.zero.register_external_parameter(self, model.lm_head.weight)
-
-    def forward(self, input_ids, position_ids, labels, lm_scale: float, reg_weight: float):
-        out = self.model.model(input_ids=input_ids, position_ids=position_ids)
-        lm_sum = linear_cross_entropy(out.last_hidden_state, self.model.lm_head.weight, labels,
-                                      reduction="sum", backend=self.loss_backend)
-        loss = lm_sum * lm_scale + reg_weight * out.router_reg
-        return loss, lm_sum.detach(), out.router_reg.detach().float(), out.routed_fraction, out.mean_prob
-
 
 # ---------------------------------------------------------------------------------------------
 # Config checks: cheap, before any heavy work; each failure is one line (l2a_common.UserError)
@@ -217,7 +187,7 @@ def check_config(cfg, world_size: int) -> dict:
         return {"dataset": None, "seq_len": int(cfg.data.seq_len), "grad_accum": grad_accum, "zero_stage": stage,
                 "global_rows": micro * grad_accum * world_size, "tokenizer": None}
 
-    from .data import PackedDataset, check_tokenizer_matches  # raises UserError naming the path
+    from ..data import PackedDataset, check_tokenizer_matches  # raises UserError naming the path
 
     dataset = PackedDataset(cfg.data.path, seq_len=cfg.data.get("seq_len"))
     seq_len = dataset.seq_len
@@ -246,8 +216,8 @@ def check_config(cfg, world_size: int) -> dict:
 
 
 def memory_plan(cfg, plan: dict, world_size: int) -> memory_lib.MemoryPlan:
-    """The predicted memory per GPU of this run (l2a_train.memory), from config facts alone."""
-    from .model.convert import BASE_CONFIGS
+    """The predicted memory per GPU of this run (l2a_train.training.memory), from config facts alone."""
+    from ..model.convert import BASE_CONFIGS
 
     base, is_l2a = memory_lib.base_config(cfg.model, BASE_CONFIGS)
     return memory_lib.plan(cfg, memory_lib.shape_of(base, cfg.l2a, is_l2a), plan["seq_len"], world_size)
@@ -392,15 +362,15 @@ def run(cfg: DictConfig) -> dict:
 
     # 3. data, model, engine --------------------------------------------------------------
     ckpt_lib.seed_everything(int(t.seed))
-    from .data import PackedLoader
+    from ..data import PackedLoader
 
     loader = PackedLoader(dataset, micro_batch_size=int(t.micro_batch_size), rank=env.rank,
                           world_size=env.world_size, seed=int(t.seed), shuffle=bool(cfg.data.shuffle))
 
     import deepspeed
 
-    from .model import apply_trainable, build_model
-    from .model.checkpointing import enable_checkpointing
+    from ..model import apply_trainable, build_model
+    from ..model.checkpointing import enable_checkpointing
 
     model = build_model(cfg.model, cfg.l2a)
     n_trainable = apply_trainable(model, cfg.l2a.trainable)
@@ -583,7 +553,7 @@ def run(cfg: DictConfig) -> dict:
         if env.is_main:
             summary = write_run_summary(run_dir, total_steps, status, {"name": str(cfg.name), "run_dir": str(run_dir)})
             try:
-                from .plot import plot_runs
+                from ..curves import plot_runs
 
                 plot_runs([run_dir], run_dir / "curves.png", title=str(cfg.name))
             except FileNotFoundError:
@@ -655,8 +625,3 @@ def _release(engine) -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-main = l2a_common.hydra_app("train")(run)
-
-if __name__ == "__main__":
-    main()

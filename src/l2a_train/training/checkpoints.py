@@ -39,6 +39,7 @@ import torch
 
 from l2a_common import UserError
 
+from ..atomic import fsync_dir, write_atomic
 from . import distributed as dist_utils
 
 log = logging.getLogger(__name__)
@@ -53,29 +54,6 @@ STATE_FORMAT = "l2a-trainer-state-v1"
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    part = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(part, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(part, path)
-    _fsync_dir(path.parent)
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -167,7 +145,7 @@ class Checkpointer:
         if self.env.is_main:
             write_atomic(tmp / STATE_FILE, json.dumps({"format": STATE_FORMAT, **state}, indent=2) + "\n")
             os.rename(tmp, final)  # the commit: the folder appears complete or not at all
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             write_atomic(self.dir / LATEST, tag + "\n")  # written last
             self._prune()
         dist_utils.barrier()
@@ -285,7 +263,7 @@ def export_hf(engine, hf_model, out_dir: Path, env: dist_utils.DistEnv, tokenize
 # ---------------------------------------------------------------------------------------------
 # Fault injection for the tests: L2A_FAULT="kill_in_save:2" kills the process (SIGKILL) in the
 # middle of its second checkpoint write; "sigterm_at:3" sends SIGTERM to itself after step 3;
-# "nan_at:2,3" makes the loss of steps 2 and 3 NaN (see train.py).
+# "nan_at:2,3" makes the loss of steps 2 and 3 NaN (see run.py).
 
 
 def fault_steps(kind: str) -> set[int]:

@@ -1,4 +1,5 @@
-"""`l2a-prune`: post-training pruning of L2A layers whose router (almost) never fires.
+"""What `l2a-prune` does: post-training pruning of L2A layers whose router (almost) never fires
+(the in-model operation is `l2a_train.model.pruning`).
 
     l2a-prune model.path=checkpoints/quickstart-l2a calibration.path=data/quickstart output=checkpoints/quickstart-pruned
     l2a-prune model.path=/ckpt/qwen3-8b-l2a k=18 eval=ruler data.path=/data/heldout output=/ckpt/qwen3-8b-l2a-pruned
@@ -29,9 +30,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from l2a_common import UserError, hydra_app
+from l2a_common import UserError
 
-from .convert import write_atomically
+from .atomic import write_atomically
 from .data import check_tokenizer_matches
 from .evaluation import check_suite, kv_report, loading, open_data, retrieval, run_suite
 from .evaluation.perplexity import label
@@ -257,8 +258,3 @@ def prune(cfg) -> dict:
     log.info("wrote %s\n%s", output, markdown(rep))
     return rep
 
-
-main = hydra_app("prune")(prune)
-
-if __name__ == "__main__":
-    main()

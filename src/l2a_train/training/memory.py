@@ -78,7 +78,7 @@ def shape_of(base: dict, l2a_cfg, is_l2a: bool) -> Shape:
     if is_l2a:
         l2a_layers = list(base.get("l2a_layer_types") or []).count("l2a")
     elif l2a_cfg.mode in ("l2a", "random"):
-        from .model import select_layers
+        from ..model import select_layers
 
         l2a_layers = len(select_layers(l2a_cfg.layers, layers))
     else:
