@@ -394,8 +394,8 @@ def test_config_errors(data, overrides, world, expected):
 
 def test_config_plan(data):
     plan = _check(data, "trainer.global_batch_size=8", "trainer.micro_batch_size=2", world_size=2)
-    assert plan["grad_accum"] == 2 and plan["seq_len"] == 128
-    assert _check(data, "model.config.max_position_embeddings=64", "model.max_position_embeddings=128")["seq_len"] == 128
+    assert plan.grad_accum == 2 and plan.seq_len == 128
+    assert _check(data, "model.config.max_position_embeddings=64", "model.max_position_embeddings=128").seq_len == 128
 
 
 def test_config_error_cli_one_line_exit_2(work, data):
@@ -457,10 +457,10 @@ def test_model_and_data_tokenizers_must_match(work, data, other_tokenizer):
     assert f"data.path={data}" in errors[0] and f"model.path={foreign}" in errors[0]
     assert "data.allow_tokenizer_mismatch=true" in errors[0] and "the data's tokenizer has 4096 tokens" in errors[0]
     plan = _check(data, f"model.path={foreign}", "data.allow_tokenizer_mismatch=true")
-    assert plan["tokenizer"] == foreign  # the export would copy the model's tokenizer, not the data's
+    assert plan.tokenizer == foreign  # the export would copy the model's tokenizer, not the data's
     own = _convert(work / "own-l2a", data / "tokenizer")  # re-saved by l2a-convert: still the same tokenizer
-    assert _check(data, f"model.path={own}")["tokenizer"] == own
-    assert _check(data)["tokenizer"] == data / "tokenizer"  # built from a config: the data's is the model's
+    assert _check(data, f"model.path={own}").tokenizer == own
+    assert _check(data).tokenizer == data / "tokenizer"  # built from a config: the data's is the model's
 
 
 def test_setting_fixed_by_an_l2a_checkpoint_is_an_error(work, data):
@@ -475,7 +475,7 @@ def test_setting_fixed_by_an_l2a_checkpoint_is_an_error(work, data):
     assert proc.returncode == 2 and "l2a.mode=swa" in proc.stderr and "(mode l2a)" in proc.stderr
     # the same window, or nothing set: no error and no warning about the experiment's l2a.window=128
     plan = _check(data, f"model.path={ckpt}", "l2a.window=128")
-    assert plan["seq_len"] == 128
+    assert plan.seq_len == 128
 
 
 def test_resume_with_other_settings_stops_with_a_diff(resumed):
