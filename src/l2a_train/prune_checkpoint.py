@@ -33,8 +33,9 @@ from omegaconf import OmegaConf
 from l2a_common import UserError
 
 from .atomic import write_atomically
+from .checkpoint_config import read_config
 from .data import check_tokenizer_matches
-from .evaluation import check_suite, kv_report, loading, open_data, retrieval, run_suite
+from .evaluation import check_kv_length, check_suite, kv_report, loading, open_data, retrieval, run_suite
 from .evaluation.perplexity import label
 from .model import prune_layers
 
@@ -59,14 +60,13 @@ def check_settings(cfg) -> tuple[float, int | None]:
     elif threshold == 0.0:  # a routed fraction is never below 0
         raise UserError("threshold=0 prunes no layer (no routed fraction is below 0): give a threshold in (0, 1], "
                         "e.g. threshold=0.05, or k=<number of layers> to prune the k sparsest")
-    if int(cfg.kv_length) < 1:
-        raise UserError(f"kv_length={cfg.kv_length}: must be a positive number of tokens")
+    check_kv_length(cfg.kv_length)
     return threshold, k
 
 
 def check_layers(path: Path, k: int | None) -> None:
     """L2A layers left to prune, and at least k of them: from config.json, before the model loads."""
-    types = list(json.loads((path / "config.json").read_text()).get("l2a_layer_types") or [])
+    types = list(read_config(path).get("l2a_layer_types") or [])
     if "l2a" not in types:
         raise UserError(f"model.path={path} has no L2A layers left to prune (layer types {types})")
     if k is not None and k > types.count("l2a"):

@@ -30,6 +30,12 @@ def kv_report(config, length: int) -> dict:
     return {"kv_length": int(length), "kv_cache_bytes": int(ours), "kv_cache_bytes_full": int(base), "kv_cache_vs_full": ours / base}
 
 
+def check_kv_length(kv_length) -> None:
+    """The setting `kv_length` (l2a-eval, l2a-prune): the context length of the KV-cache figure."""
+    if int(kv_length) < 1:
+        raise UserError(f"kv_length={kv_length}: must be a positive number of tokens")
+
+
 def model_summary(model, path, source: str, kv_length: int) -> dict:
     c = model.config
     return {

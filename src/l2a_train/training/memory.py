@@ -24,9 +24,7 @@ free. docs/BENCHMARKS.md compares the prediction with measured peaks.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from l2a_common import UserError
 
@@ -189,7 +187,9 @@ def device_memory(cfg, device) -> int | None:
 def base_config(model_cfg, family_configs) -> tuple[dict, bool]:
     """(config.json of model.path, or model.config with the family's defaults; is it L2A)."""
     if model_cfg.get("path"):
-        config = json.loads((Path(model_cfg.path) / "config.json").read_text())
+        from ..checkpoint_config import read_config
+
+        config = read_config(model_cfg.path)
         return config, str(config.get("model_type", "")).startswith("l2a_")
     from omegaconf import OmegaConf
 

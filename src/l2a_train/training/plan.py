@@ -10,7 +10,6 @@ shard and builds no model, so a bad setting costs a second, not a model load.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,10 @@ from omegaconf import OmegaConf
 from l2a_common import UserError
 from l2a_data_prep.tokenizer import has_tokenizer
 
+from ..checkpoint_config import read_config
+
 from . import memory as memory_lib
+from .loss import BACKENDS as LOSS_BACKENDS
 from .schedules import LAMBDA_SCHEDULES, LR_SCHEDULES
 
 log = logging.getLogger("l2a_train")
@@ -43,12 +45,8 @@ def _model_facts(cfg) -> dict:
     """max positions, vocab size and L2A structure of the model the config describes, without building it."""
     model_cfg = cfg.model
     if model_cfg.get("path"):
-        path = Path(model_cfg.path)
-        if not (path / "config.json").is_file():
-            what = "does not exist" if not path.exists() else "has no config.json"
-            raise UserError(f"model.path={path} {what}; give a local Hugging Face checkpoint directory "
-                            "(e.g. the output of l2a-convert) or model.path=null to build from model.config")
-        base = json.loads((path / "config.json").read_text())
+        base = read_config(model_cfg.path, hint="give a local Hugging Face checkpoint directory (e.g. the output "
+                           "of l2a-convert) or model.path=null to build from model.config")
     elif model_cfg.get("config"):
         base = OmegaConf.to_container(model_cfg.config, resolve=True)
     else:
@@ -152,8 +150,9 @@ def check_config(cfg, world_size: int) -> TrainPlan:
         raise UserError(f"deepspeed.zero_optimization.stage={stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
     if int(t.keep_last) < 1 or int(t.save_every) < 0 or int(t.max_bad_steps) < 0:
         raise UserError("trainer.keep_last must be >= 1, trainer.save_every and trainer.max_bad_steps >= 0")
-    if t.loss_backend not in ("auto", "liger", "chunked"):
-        raise UserError(f"trainer.loss_backend='{t.loss_backend}': choose auto, liger or chunked")
+    if t.loss_backend not in LOSS_BACKENDS:
+        raise UserError(f"trainer.loss_backend='{t.loss_backend}': choose {', '.join(LOSS_BACKENDS[:-1])} or "
+                        f"{LOSS_BACKENDS[-1]}")
     if t.resume not in ("auto", "never") and not Path(str(t.resume)).exists():
         raise UserError(f"trainer.resume={t.resume}: no such checkpoint; use auto, never or a checkpoint path")
     if t.get("init_from") and not Path(str(t.init_from)).exists():

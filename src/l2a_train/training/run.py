@@ -89,7 +89,7 @@ def run(cfg: DictConfig) -> dict:
     metrics = MetricsLogger(run_dir, enabled=env.is_main, total_steps=plan.total_steps, start_step=state.step,
                             run_name=str(cfg.name), config=resolved, logger_cfg=cfg.logger, wandb_id=state.wandb_id)
     state.wandb_id = metrics.wandb_id
-    peak = peak_flops(env.device, cfg.trainer.precision, cfg.logger.get("peak_tflops"))
+    peak = peak_flops(env.device, cfg.trainer.precision, cfg.logger.peak_tflops)
     stop = StopSignal().install()
     train_step = TrainStep(cfg, plan, env, built, stop)
     faults.install(train_step, checkpointer, env)  # tests only (L2A_FAULT); nothing when unset
