@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py
-	@$(PYTHON) -c 'import configs; configs.check_python()'
+	@PYTHONPATH=src $(PYTHON) -c 'from l2a_common.app import check_python; check_python()'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'

@@ -1,6 +1,7 @@
 """Maps the repository's folders to import packages (metadata lives in pyproject.toml).
 
-The project's layout (docs/ARCHITECTURE.md) keeps each package in its own top-level folder, which
+The project's layout (docs/ARCHITECTURE.md, first lines) keeps some packages in top-level folders
+named for what they hold (`kernels/` is `l2a_kernels`, `data_prep/` is `l2a_data_prep`), which
 pyproject's static `packages.find` cannot express, so the mapping is computed here.
 The Hydra config tree ships as the package `l2a_configs` so that installed entry points
 find it through Hydra's `pkg://` search path, editable install or not.
@@ -9,6 +10,7 @@ find it through Hydra's `pkg://` search path, editable install or not.
 from setuptools import find_namespace_packages, find_packages, setup
 
 FOLDERS = {
+    "l2a_common": "src/l2a_common",
     "l2a_train": "src/l2a_train",
     "l2a_kernels": "kernels",
     "l2a_data_prep": "data_prep",

@@ -6,7 +6,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from l2a_configs import UserError, hydra_app
+from l2a_common import UserError, hydra_app
 
 from .pipeline import prepare
 

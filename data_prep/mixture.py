@@ -26,7 +26,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Iterator
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 from . import sources as sources_mod
 from .records import Doc, Skip

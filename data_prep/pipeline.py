@@ -26,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 from . import format as fmt
 from . import mixture, sources, tokenizer

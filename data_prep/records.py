@@ -13,7 +13,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 log = logging.getLogger("l2a_data_prep")
 

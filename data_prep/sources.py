@@ -24,7 +24,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 from . import stdlib_corpus, synthetic
 from .records import Doc, Skip

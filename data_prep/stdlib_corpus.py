@@ -26,7 +26,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 HEADER = "# ===== {path} =====\n"
 SPLITS = ("all", "train", "heldout")

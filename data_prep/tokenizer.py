@@ -19,7 +19,7 @@ from typing import Iterable
 
 import numpy as np
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 # Files of a HF tokenizer directory worth copying next to the shards (model weights are not).
 TOKENIZER_FILES = (

@@ -70,7 +70,7 @@ def child(args) -> None:
     """Run one prep; print its timing and this process's peak memory as JSON."""
     from omegaconf import OmegaConf
 
-    from l2a_configs import compose
+    from l2a_common import compose
     from l2a_data_prep.pipeline import prepare
 
     cfg = OmegaConf.to_container(compose("prep", [f"output={args.out}"]), resolve=True)
@@ -157,7 +157,7 @@ def main() -> None:
 
         texts = [t[:65536] for _, t in stdlib_corpus.iter_documents(None, ["test", "tests", "idle_test"]) if isinstance(t, str)]
         args.tokenizer = tokenizer.train_builtin(texts, 4096, str(work / "tok"))
-    from l2a_configs import compose
+    from l2a_common import compose
 
     batch_chars = compose("prep", ["output=x"]).batch_chars
     # Alternate the measurements and keep each one's best: the machine may be shared.

@@ -44,12 +44,12 @@ import torch
 from omegaconf import OmegaConf
 
 import l2a_train  # noqa: F401  (registers the L2A Auto classes)
-from l2a_train.loss import linear_cross_entropy
+from l2a_train.training.loss import linear_cross_entropy
 from l2a_train.model import apply_trainable, convert_model
 from l2a_train.model.checkpointing import enable_checkpointing
 from l2a_train.model.convert import build_base
 from l2a_train.model.layer import dense_path_drawn
-from l2a_train.train import CausalLMWithLoss
+from l2a_train.training.engine import CausalLMWithLoss
 
 from bench_common import SHAPES, parse, parser, sync
 

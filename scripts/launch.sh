@@ -58,7 +58,7 @@ case "$LAUNCHER" in
       cmd=("$BIN/torchrun" --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS_PER_NODE"
            --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$RDZV_ID")
     fi
-    cmd+=(-m l2a_train.train "$@")
+    cmd+=(-m l2a_train.cli.train "$@")
     ;;
   deepspeed)
     cmd=("$BIN/deepspeed" --no_local_rank --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
@@ -67,13 +67,13 @@ case "$LAUNCHER" in
     else
       cmd+=(--num_gpus "$GPUS_PER_NODE")
     fi
-    cmd+=(--module l2a_train.train "$@")
+    cmd+=(--module l2a_train.cli.train "$@")
     ;;
   srun)  # this script runs once per rank, started by srun
     export RANK=${SLURM_PROCID:?LAUNCHER=srun needs srun} WORLD_SIZE=${SLURM_NTASKS:?}
     export LOCAL_RANK=${SLURM_LOCALID:?} LOCAL_WORLD_SIZE=$(( SLURM_NTASKS / NNODES ))
     export MASTER_ADDR MASTER_PORT
-    cmd=("$BIN/python" -m l2a_train.train "$@")
+    cmd=("$BIN/python" -m l2a_train.cli.train "$@")
     ;;
   *)
     echo "error: LAUNCHER=$LAUNCHER: use torchrun, deepspeed or srun" >&2

@@ -56,8 +56,8 @@ def test_generate_bad_prompt_one_line(tmp_path):
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "prompt=@/no/such/file: no such file" in errors[0]
-    from l2a_configs import UserError
-    from l2a_train.generate import read_prompt
+    from l2a_common import UserError
+    from l2a_train.generation import read_prompt
 
     with pytest.raises(UserError, match="prompt is empty"):
         read_prompt("")

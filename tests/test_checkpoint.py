@@ -7,9 +7,10 @@ import random
 import pytest
 import torch
 
-from l2a_configs import UserError
-from l2a_train import checkpoint as ck
-from l2a_train.distributed import world
+from l2a_common import UserError
+from l2a_train.training import checkpoints as ck
+from l2a_train.training import faults
+from l2a_train.training.distributed import world
 
 
 class FakeEngine:
@@ -95,6 +96,6 @@ def test_rng_round_trip():
 
 def test_fault_spec(monkeypatch):
     monkeypatch.setenv("L2A_FAULT", "nan_at:2,4;kill_in_save:1")
-    assert ck.fault_steps("nan_at") == {2, 4} and ck.fault_steps("kill_in_save") == {1}
-    assert ck.fault_steps("sigterm_at") == set()
-    json.dumps(ck.fault_steps("nan_at"), default=list)
+    assert faults.fault_steps("nan_at") == {2, 4} and faults.fault_steps("kill_in_save") == {1}
+    assert faults.fault_steps("sigterm_at") == set()
+    json.dumps(faults.fault_steps("nan_at"), default=list)

@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import l2a_train  # noqa: F401  (registers the Auto classes)
-from l2a_configs import UserError, compose
-from l2a_train.convert import convert
-from l2a_train.eval import evaluate
+from l2a_common import UserError, compose
+from l2a_train.convert_checkpoint import convert
+from l2a_train.evaluation.evaluate import evaluate
 from l2a_train.model import build_base, convert_model
-from l2a_train.prune import prune
+from l2a_train.prune_checkpoint import prune
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -171,3 +172,12 @@ def test_convert_and_prune_settings_that_change_nothing_are_one_line_from_the_co
     error = one_error(run([BIN / "l2a-prune", f"model.path={ckpts['l2a']}", "k=0", "output=out"], tmp_path))
     assert error.startswith("error: k=0 prunes no layer") and "k >= 1" in error and "k=null" in error
     assert not (tmp_path / "out").exists()  # the window and threshold=0: tests above and in test_prune.py
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu0", "device=tpu0: not a device; use auto, cpu or cuda[:N]"),
+    ("meta", "device=meta: l2a-convert builds on cpu or cuda[:N] (or auto)"),
+] + ([] if torch.cuda.is_available() else [("cuda", "device=cuda: this machine has no CUDA GPU")]))
+def test_convert_names_a_bad_device_in_one_line(tmp_path, device, message):
+    error = one_error(run([BIN / "l2a-convert", f"device={device}", "output=out"], tmp_path))
+    assert message in error and not (tmp_path / "out").exists()

@@ -11,7 +11,7 @@ import random
 import pytest
 from omegaconf import OmegaConf
 
-from l2a_configs import UserError, compose
+from l2a_common import UserError, compose
 from l2a_data_prep import tokenizer
 from l2a_data_prep.pipeline import prepare
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from l2a_configs import UserError, compose
+from l2a_common import UserError, compose
 from l2a_data_prep import tokenizer
 from l2a_data_prep.pipeline import prepare
 from l2a_train.data import PackedDataset, PackedLoader, position_ids

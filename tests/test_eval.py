@@ -17,11 +17,11 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
 import l2a_train  # noqa: F401  (registers the Auto classes)
-from l2a_configs import UserError, compose
+from l2a_common import UserError, compose
 from l2a_data_prep import synthetic, tokenizer
 from l2a_data_prep.pipeline import prepare
 from l2a_train.data import PackedDataset, position_ids
-from l2a_train.eval import evaluate
+from l2a_train.evaluation.evaluate import evaluate
 from l2a_train.evaluation import RouterProbe, perplexity, retrieval
 from l2a_train.model import build_base, convert_model, prune_layers
 

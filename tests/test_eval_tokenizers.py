@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from l2a_configs import UserError, compose
+from l2a_common import UserError, compose
 from l2a_train.evaluation import retrieval
-from l2a_train.prune import prune
+from l2a_train.prune_checkpoint import prune
 
 BIN = Path(sys.executable).parent
 WIDE_VOCAB = 24000

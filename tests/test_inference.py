@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import l2a_train  # noqa: F401  (registers the Auto classes)
-from l2a_configs import compose
+from l2a_common import compose
 from l2a_train.model import build_base, convert_model, kv_cache_bytes, prune_layers
 from l2a_train.model import cache as cache_mod
 from l2a_train.model.cache import L2ACache, cache_field_name

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from l2a_train.loss import chunked_linear_cross_entropy, linear_cross_entropy, next_token_labels
+from l2a_train.training.loss import chunked_linear_cross_entropy, linear_cross_entropy, next_token_labels
 
 
 def reference(hidden, weight, labels, reduction):

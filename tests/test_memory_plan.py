@@ -77,8 +77,8 @@ def test_plan_over_the_device_stops_before_the_model_with_one_line(tmp_path, dat
     ("Qwen2.5-7B shape, L2A, 128K", ["experiment=qwen2_5_7b_128k_1gpu", QWEN2_5_7B, "l2a=random"], 131072, 84.7),
 ])
 def test_plan_within_ten_percent_of_measured_peaks(name, overrides, seq_len, measured_gib):
-    from l2a_configs import compose
-    from l2a_train import memory
+    from l2a_common import compose
+    from l2a_train.training import memory
     from l2a_train.model.convert import BASE_CONFIGS
 
     cfg = compose("train", [*overrides, "model.path=null", "data.path=unused"])
@@ -88,8 +88,8 @@ def test_plan_within_ten_percent_of_measured_peaks(name, overrides, seq_len, mea
 
 
 def test_zero_sharding_and_offload_shrink_the_plan():
-    from l2a_configs import compose
-    from l2a_train import memory
+    from l2a_common import compose
+    from l2a_train.training import memory
     from l2a_train.model.convert import BASE_CONFIGS
 
     def total(*overrides, world=1):

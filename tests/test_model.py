@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import l2a_kernels
 import l2a_train  # noqa: F401  (registers the Auto classes)
-from l2a_configs import UserError, compose
+from l2a_common import UserError, compose
 from l2a_train.model import apply_trainable, build_base, build_model, convert_model, select_layers
 from l2a_train.model.layer import dense_path_drawn
 
@@ -160,7 +160,7 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
 
 
 def test_convert_cli_end_to_end_from_saved_base(tmp_path):
-    from l2a_train.convert import convert
+    from l2a_train.convert_checkpoint import convert
 
     model_cfg, l2a_cfg = cfgs("tiny_qwen3")
     base = build_base(model_cfg).eval()
@@ -202,7 +202,7 @@ def test_build_model_from_l2a_checkpoint_applies_runtime_settings(tmp_path):
     ],
 )
 def test_bad_settings_are_named_and_nothing_is_written(tmp_path, overrides, message):
-    from l2a_train.convert import convert
+    from l2a_train.convert_checkpoint import convert
 
     out = tmp_path / "out"
     cfg = compose("convert", [f"output={out}", *overrides])
@@ -214,7 +214,7 @@ def test_bad_settings_are_named_and_nothing_is_written(tmp_path, overrides, mess
 def test_non_qwen_and_mismatched_checkpoints_are_refused(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from l2a_train.convert import convert
+    from l2a_train.convert_checkpoint import convert
 
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2))
@@ -240,7 +240,7 @@ def test_an_all_global_l2a_checkpoint_converts_like_its_base(tmp_path):
     l2a-convert reads it as the plain Qwen model it is; an L2A model with routed layers is refused."""
     import torch
 
-    from l2a_train.convert import convert
+    from l2a_train.convert_checkpoint import convert
 
     convert(compose("convert", ["l2a=full", f"output={tmp_path / 'full'}"]))
     assert json.loads((tmp_path / "full" / "config.json").read_text())["model_type"] == "l2a_qwen3"

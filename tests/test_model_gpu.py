@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from l2a_configs import compose
+from l2a_common import compose
 from l2a_train.model import build_base, convert_model
 
 pytestmark = pytest.mark.gpu

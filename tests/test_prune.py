@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import l2a_train  # noqa: F401  (registers the Auto classes)
-from l2a_configs import UserError, compose
+from l2a_common import UserError, compose
 from l2a_train.model import kv_cache_bytes
 from l2a_train.model.cache import L2ACache
-from l2a_train.prune import choose, prune
+from l2a_train.prune_checkpoint import choose, prune
 from test_eval import SUITE, build_workspace
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -126,7 +126,7 @@ def test_heldout_packages_are_disjoint_from_training():
     alone = {stdlib_corpus.unit_name(u) for _, u, _ in stdlib_corpus.selected_units(None, exclude, False, 0.1, "heldout")}
     assert alone == {name for prefix, name in picked["heldout"] if not prefix}
     assert stdlib_corpus.is_heldout("json", 0.1) == stdlib_corpus.is_heldout("json", 0.1)
-    from l2a_configs import UserError
+    from l2a_common import UserError
 
     with pytest.raises(UserError, match="split=heldout needs holdout > 0"):
         stdlib_corpus.selected_units(None, exclude, False, 0.0, "heldout")

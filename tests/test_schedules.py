@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from l2a_train.schedules import lambda_at, lr_at
+from l2a_train.training.schedules import lambda_at, lr_at
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])

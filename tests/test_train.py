@@ -36,8 +36,8 @@ STEPS = 6
 
 RUNNER = r"""
 import json, os, sys, time
-from l2a_configs import UserError, compose
-from l2a_train.train import run
+from l2a_common import UserError, compose
+from l2a_train.training import run
 
 results = []
 for job in json.loads(sys.argv[1]):
@@ -144,7 +144,7 @@ def parallel(work, data, single):
     """ZeRO-2 and ZeRO-3 with 2 processes, 2 rows each (the reference's global batch): one torchrun
     launch running a 2-job sweep, which also covers multirun under torchrun."""
     root = work / "par"
-    proc = _run([BIN / "torchrun", "--standalone", "--nproc_per_node=2", "-m", "l2a_train.train", "-m",
+    proc = _run([BIN / "torchrun", "--standalone", "--nproc_per_node=2", "-m", "l2a_train.cli.train", "-m",
                  *_base(data, root, "trainer.micro_batch_size=2", "trainer.save_every=3"), "deepspeed=zero2,zero3"],
                 work)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -345,7 +345,7 @@ def test_sweep_2x2_writes_four_runs_and_a_summary(work, data):
 
 
 def test_plot_cli_several_runs(work, single, tmp_path):
-    from l2a_train.plot import main
+    from l2a_train.cli.plot import main
 
     out = tmp_path / "two.png"
     main([str(work / "ref" / "quickstart"), str(work / "accum" / "quickstart"), "--out", str(out), "--smooth", "2"])
@@ -360,8 +360,8 @@ def test_plot_cli_several_runs(work, single, tmp_path):
 
 
 def _check(data, *overrides, world_size=1):
-    from l2a_configs import compose
-    from l2a_train.train import check_config
+    from l2a_common import compose
+    from l2a_train.training import check_config
 
     return check_config(compose("train", ["experiment=quickstart", f"data.path={data}", "model.path=null", "l2a.window=32",
                                           *overrides]),
@@ -385,7 +385,7 @@ def _check(data, *overrides, world_size=1):
     ],
 )
 def test_config_errors(data, overrides, world, expected):
-    from l2a_configs import UserError
+    from l2a_common import UserError
 
     with pytest.raises(UserError) as err:
         _check(data, *overrides, world_size=world)
@@ -394,8 +394,8 @@ def test_config_errors(data, overrides, world, expected):
 
 def test_config_plan(data):
     plan = _check(data, "trainer.global_batch_size=8", "trainer.micro_batch_size=2", world_size=2)
-    assert plan["grad_accum"] == 2 and plan["seq_len"] == 128
-    assert _check(data, "model.config.max_position_embeddings=64", "model.max_position_embeddings=128")["seq_len"] == 128
+    assert plan.grad_accum == 2 and plan.seq_len == 128
+    assert _check(data, "model.config.max_position_embeddings=64", "model.max_position_embeddings=128").seq_len == 128
 
 
 def test_config_error_cli_one_line_exit_2(work, data):
@@ -430,8 +430,8 @@ def test_gpu_smoke_bf16_kernels_liger(work, data):
 
 
 def _convert(out, tokenizer, *extra):
-    from l2a_configs import compose
-    from l2a_train.convert import main as convert_main
+    from l2a_common import compose
+    from l2a_train.cli.convert import main as convert_main
 
     if not out.exists():
         convert_main.task(compose("convert", ["model=tiny_qwen3", "l2a.window=32", f"tokenizer={tokenizer}",
@@ -457,10 +457,10 @@ def test_model_and_data_tokenizers_must_match(work, data, other_tokenizer):
     assert f"data.path={data}" in errors[0] and f"model.path={foreign}" in errors[0]
     assert "data.allow_tokenizer_mismatch=true" in errors[0] and "the data's tokenizer has 4096 tokens" in errors[0]
     plan = _check(data, f"model.path={foreign}", "data.allow_tokenizer_mismatch=true")
-    assert plan["tokenizer"] == foreign  # the export would copy the model's tokenizer, not the data's
+    assert plan.tokenizer == foreign  # the export would copy the model's tokenizer, not the data's
     own = _convert(work / "own-l2a", data / "tokenizer")  # re-saved by l2a-convert: still the same tokenizer
-    assert _check(data, f"model.path={own}")["tokenizer"] == own
-    assert _check(data)["tokenizer"] == data / "tokenizer"  # built from a config: the data's is the model's
+    assert _check(data, f"model.path={own}").tokenizer == own
+    assert _check(data).tokenizer == data / "tokenizer"  # built from a config: the data's is the model's
 
 
 def test_setting_fixed_by_an_l2a_checkpoint_is_an_error(work, data):
@@ -475,7 +475,7 @@ def test_setting_fixed_by_an_l2a_checkpoint_is_an_error(work, data):
     assert proc.returncode == 2 and "l2a.mode=swa" in proc.stderr and "(mode l2a)" in proc.stderr
     # the same window, or nothing set: no error and no warning about the experiment's l2a.window=128
     plan = _check(data, f"model.path={ckpt}", "l2a.window=128")
-    assert plan["seq_len"] == 128
+    assert plan.seq_len == 128
 
 
 def test_resume_with_other_settings_stops_with_a_diff(resumed):
@@ -489,7 +489,7 @@ def test_resume_with_other_settings_stops_with_a_diff(resumed):
 
 
 def test_run_defining_keys():
-    from l2a_train.resume import changed_settings
+    from l2a_train.training.resume import changed_settings
 
     saved = {"trainer": {"lr": 1e-3, "steps": 10, "save_every": 5, "betas": [0.9, 0.95]}, "l2a": {"window": 32},
              "logger": {"wandb": False}, "run_root": "a"}
@@ -515,7 +515,7 @@ def test_resume_never_keeps_the_earlier_run(work, resumed):
 
 def test_padding_of_the_last_row_is_not_a_target(data):
     from l2a_train.data import PackedDataset, PackedLoader
-    from l2a_train.loss import next_token_labels
+    from l2a_train.training.loss import next_token_labels
 
     ds = PackedDataset(data)
     pad = int(ds.manifest["pad_tokens"])

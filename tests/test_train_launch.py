@@ -18,13 +18,13 @@ def launch(*args, **env):
 
 def test_one_node_torchrun():
     rc, out, _ = launch("experiment=quickstart")
-    assert rc == 0 and "torchrun --standalone --nproc_per_node=8 -m l2a_train.train experiment=quickstart" in out
+    assert rc == 0 and "torchrun --standalone --nproc_per_node=8 -m l2a_train.cli.train experiment=quickstart" in out
 
 
 def test_multi_node_rendezvous():
     rc, out, _ = launch("x=1", NNODES="2", NODE_RANK="1", MASTER_ADDR="node0", MASTER_PORT="1234")
     assert rc == 0
-    for part in ("--nnodes=2", "--node_rank=1", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:1234", "-m l2a_train.train x=1"):
+    for part in ("--nnodes=2", "--node_rank=1", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:1234", "-m l2a_train.cli.train x=1"):
         assert part in out
 
 
@@ -35,13 +35,13 @@ def test_slurm_environment():
 
 def test_deepspeed_launcher_without_local_rank_argument():
     rc, out, _ = launch("x=1", LAUNCHER="deepspeed", HOSTFILE="hosts")
-    assert rc == 0 and "--no_local_rank" in out and "--hostfile hosts" in out and "--module l2a_train.train x=1" in out
+    assert rc == 0 and "--no_local_rank" in out and "--hostfile hosts" in out and "--module l2a_train.cli.train x=1" in out
 
 
 def test_srun_per_rank():
     rc, out, _ = launch("x=1", LAUNCHER="srun", SLURM_JOB_ID="1", SLURM_NNODES="2", SLURM_NODEID="0",
                         SLURM_PROCID="3", SLURM_NTASKS="16", SLURM_LOCALID="3", MASTER_ADDR="n0")
-    assert rc == 0 and out.endswith("-m l2a_train.train x=1")
+    assert rc == 0 and out.endswith("-m l2a_train.cli.train x=1")
 
 
 @pytest.mark.parametrize("launcher", ["mpirun"])

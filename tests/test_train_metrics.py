@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from l2a_train.metrics import FlopsCounter, MetricsLogger, read_metrics, summarize_routing
-from l2a_train.sweep import job_dirname, swept_keys, write_sweep_summary
+from l2a_train.training.metrics import FlopsCounter, MetricsLogger, read_metrics, summarize_routing
+from l2a_train.training.sweep import job_dirname, swept_keys, write_sweep_summary
 
 
 class TinyModel(torch.nn.Module):

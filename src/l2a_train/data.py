@@ -1,5 +1,6 @@
 """Reading packed rows (written by `l2a-prep`) for training: dataset, distributed loader.
 
+    manifest = read_manifest(path, seq_len=None)   # validated, no shard opened (the trainer's checks)
     ds = PackedDataset(path, seq_len=None)
     loader = PackedLoader(ds, micro_batch_size=B, rank=r, world_size=W, seed=s, shuffle=True)
     batch = loader.next_batch()      # {"input_ids": Long[B, L], "position_ids": Long[B, L], "padding": Bool[B, L]}
@@ -25,12 +26,46 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from l2a_configs import UserError
+from l2a_common import UserError
 from l2a_data_prep import format as fmt
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 REQUIRED = ("format", "seq_len", "num_rows", "shards", "tokenizer")
+
+
+def read_manifest(path: str | Path, seq_len: int | None = None) -> dict:
+    """The validated manifest.json of a prepared directory (no shard is opened); `seq_len`: the
+    row length the caller expects (data.seq_len), None for any."""
+    manifest_path = Path(path) / fmt.MANIFEST
+    if not manifest_path.is_file():
+        hint = " (a prep still running or stopped halfway: rerun the same l2a-prep command)" if (Path(path) / fmt.PLAN).exists() else ""
+        raise UserError(
+            f"data.path='{path}': no {fmt.MANIFEST} there{hint}; prepare data with `l2a-prep` "
+            "(e.g. `l2a-prep prep=quickstart`) and point data.path at its output"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{manifest_path}: not valid JSON ({err}); prepare the data again") from err
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing or manifest["format"] != fmt.FORMAT:
+        raise UserError(
+            f"{manifest_path}: not an {fmt.FORMAT} manifest (format={manifest.get('format')!r}, "
+            f"missing {missing}); prepare the data again with this version's l2a-prep"
+        )
+    rows = int(manifest["seq_len"])
+    if seq_len is not None and seq_len != rows:
+        raise UserError(
+            f"data.seq_len={seq_len} but '{path}' holds rows of {rows} tokens; set data.seq_len=null "
+            f"or prepare the data with seq_len={seq_len}"
+        )
+    return manifest
+
+
+def manifest_tokenizer_path(path: str | Path, manifest: dict) -> str:
+    """The tokenizer directory that a prepared directory's manifest names."""
+    return str(Path(path) / manifest["tokenizer"]["path"])
 
 
 class PackedDataset:
@@ -39,29 +74,9 @@ class PackedDataset:
     def __init__(self, path: str | Path, seq_len: int | None = None):
         self.root = Path(path)
         manifest_path = self.root / fmt.MANIFEST
-        if not manifest_path.is_file():
-            hint = " (a prep still running or stopped halfway: rerun the same l2a-prep command)" if (self.root / fmt.PLAN).exists() else ""
-            raise UserError(
-                f"data.path='{path}': no {fmt.MANIFEST} there{hint}; prepare data with `l2a-prep` "
-                "(e.g. `l2a-prep prep=quickstart`) and point data.path at its output"
-            )
-        try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{manifest_path}: not valid JSON ({err}); prepare the data again") from err
-        missing = [k for k in REQUIRED if k not in self.manifest]
-        if missing or self.manifest["format"] != fmt.FORMAT:
-            raise UserError(
-                f"{manifest_path}: not an {fmt.FORMAT} manifest (format={self.manifest.get('format')!r}, "
-                f"missing {missing}); prepare the data again with this version's l2a-prep"
-            )
+        self.manifest = read_manifest(path, seq_len)
         self.seq_len = int(self.manifest["seq_len"])
-        if seq_len is not None and seq_len != self.seq_len:
-            raise UserError(
-                f"data.seq_len={seq_len} but '{path}' holds rows of {self.seq_len} tokens; set data.seq_len=null "
-                f"or prepare the data with seq_len={seq_len}"
-            )
-        self.tokenizer_path = str(self.root / self.manifest["tokenizer"]["path"])
+        self.tokenizer_path = manifest_tokenizer_path(path, self.manifest)
         self._names = [s["name"] for s in self.manifest["shards"]]
         self._rows = [int(s["rows"]) for s in self.manifest["shards"]]
         self._start = np.cumsum([0] + self._rows)
@@ -128,7 +143,7 @@ def check_tokenizer_matches(model_path, data: dict, allow: bool) -> None:
     for setting, path in data.items():
         if not path:
             continue
-        data_dir = Path(PackedDataset(path).tokenizer_path)
+        data_dir = Path(manifest_tokenizer_path(path, read_manifest(path)))
         if not has_tokenizer(data_dir):
             raise UserError(f"{setting}={path}: its tokenizer directory {data_dir} is missing or empty; "
                             "prepare the data again with l2a-prep")

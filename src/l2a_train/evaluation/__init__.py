@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 from . import loading, perplexity, report, retrieval
 from .router import RouterProbe
@@ -28,6 +28,12 @@ def kv_report(config, length: int) -> dict:
     full.l2a_layer_types = ["global"] * len(config.l2a_layer_types)
     ours, base = kv_cache_bytes(config, length), kv_cache_bytes(full, length)
     return {"kv_length": int(length), "kv_cache_bytes": int(ours), "kv_cache_bytes_full": int(base), "kv_cache_vs_full": ours / base}
+
+
+def check_kv_length(kv_length) -> None:
+    """The setting `kv_length` (l2a-eval, l2a-prune): the context length of the KV-cache figure."""
+    if int(kv_length) < 1:
+        raise UserError(f"kv_length={kv_length}: must be a positive number of tokens")
 
 
 def model_summary(model, path, source: str, kv_length: int) -> dict:

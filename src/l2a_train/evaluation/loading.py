@@ -9,15 +9,16 @@ statistics).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from l2a_configs import UserError
+from l2a_common import UserError
 from l2a_data_prep.tokenizer import has_tokenizer
+
+from ..checkpoint_config import read_config
 
 log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -62,7 +63,7 @@ def checkpoint_dtype(path: Path, requested) -> str:
         if str(requested) not in DTYPES:
             raise UserError(f"model.dtype='{requested}' is not one of {DTYPES} (or null: the checkpoint's own)")
         return str(requested)
-    config = json.loads((path / "config.json").read_text())
+    config = read_config(path)
     stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     return stored if stored in DTYPES else "float32"
 
@@ -100,7 +101,7 @@ def configured_positions(model_cfg) -> int:
     supported_type(model_cfg.get("path"))
     if model_cfg.get("max_position_embeddings") is not None:
         return int(model_cfg.max_position_embeddings)
-    config = json.loads((Path(model_cfg.path) / "config.json").read_text())
+    config = read_config(model_cfg.path)
     return int(config.get("max_position_embeddings") or 0) or 2**31
 
 

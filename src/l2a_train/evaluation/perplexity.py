@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 
 def label(n: int) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 REGIONS = ("haystack", "needle", "distractor", "question")
 NEEDLE_RE = re.compile(r"One of the special magic \w+ for \S+ is: \S+?\.(?=\s|$)")

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen3Config
 from transformers.initialization import no_init_weights
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 from .config import CONFIG_BY_FAMILY, FAMILY_BY_MODEL_TYPE, L2A_DEFAULTS
 from .modeling import MODEL_BY_FAMILY
@@ -143,13 +143,9 @@ def apply_context_overrides(config, model_cfg) -> None:
 
 
 def read_model_type(path: Path) -> str:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise UserError(f"model.path={path}: no config.json there; point it at a Hugging Face checkpoint directory")
-    try:
-        return json.loads(cfg_file.read_text()).get("model_type", "")
-    except json.JSONDecodeError as err:
-        raise UserError(f"{cfg_file}: not valid JSON ({err})") from None
+    from ..checkpoint_config import read_config
+
+    return read_config(path).get("model_type", "")
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:

@@ -1,4 +1,4 @@
-"""`l2a-eval`: long-context evaluation of any checkpoint (base Qwen, full-attention, L2A, pruned).
+"""What `l2a-eval` does: long-context evaluation of any checkpoint (base Qwen, full-attention, L2A, pruned).
 
     l2a-eval model.path=checkpoints/quickstart-l2a data.path=data/quickstart output=results/eval
     l2a-eval eval=ruler model.path=/ckpt/qwen3-8b-l2a data.path=/data/heldout output=results/qwen3-8b-l2a
@@ -19,14 +19,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from l2a_configs import UserError, hydra_app
+from l2a_common import UserError
 
-from .convert import write_atomically
-from .data import check_tokenizer_matches
-from .evaluation import check_suite, loading, model_summary, open_data, report, run_suite
+from ..atomic import write_atomically
+from ..data import check_tokenizer_matches
+from . import check_kv_length, check_suite, loading, model_summary, open_data, report, run_suite
 
 log = logging.getLogger("l2a-eval")
-KV_LENGTH = 131072  # context length of the KV-cache figure in the report
 
 
 def write_results(tmp: Path, results: dict, stem: str = "eval") -> None:
@@ -41,6 +40,7 @@ def evaluate(cfg) -> dict:
     output = Path(cfg.output)
     if output.exists() and not cfg.overwrite:  # fail before any heavy work
         raise UserError(f"output={output} already exists; choose another directory or pass overwrite=true")
+    check_kv_length(cfg.kv_length)
     device = loading.resolve_device(cfg.get("device"))
     positions = loading.configured_positions(cfg.model)
     check_tokenizer_matches(cfg.model.path, {"data.path": cfg.data.path}, bool(cfg.data.allow_tokenizer_mismatch))
@@ -52,7 +52,7 @@ def evaluate(cfg) -> dict:
     if tokenizer is not None:
         loading.check_tokenizer(tokenizer, model)
 
-    results = {"model": model_summary(model, cfg.model.path, source, KV_LENGTH)}
+    results = {"model": model_summary(model, cfg.model.path, source, int(cfg.kv_length))}
     results.update(run_suite(model, tokenizer, dataset, cfg.eval, device, int(cfg.data.max_rows), bool(cfg.router)))
     results["config"] = OmegaConf.to_container(cfg, resolve=True)
     results["elapsed_s"] = round(time.time() - start, 1)
@@ -60,8 +60,3 @@ def evaluate(cfg) -> dict:
     log.info("wrote %s\n%s", output, report.markdown(results))
     return results
 
-
-main = hydra_app("eval")(evaluate)
-
-if __name__ == "__main__":
-    main()

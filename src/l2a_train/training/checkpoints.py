@@ -28,7 +28,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -37,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
+from ..atomic import fsync_dir, write_atomic
 from . import distributed as dist_utils
 
 log = logging.getLogger(__name__)
@@ -53,29 +53,6 @@ STATE_FORMAT = "l2a-trainer-state-v1"
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    part = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(part, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(part, path)
-    _fsync_dir(path.parent)
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -138,7 +115,6 @@ class Checkpointer:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = max(1, int(keep_last))
         self.env = env
-        self._saves = 0
 
     # -- finding ----------------------------------------------------------------------------
     def latest(self) -> Path | None:
@@ -159,21 +135,27 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # a previous attempt that was killed
         dist_utils.barrier()
         started = time.time()
+        self.write(engine, tmp, rank_state)
+        self.commit(tmp, final, state)
+        if self.env.is_main:
+            log.info("saved checkpoint %s (%.1f s)", final, time.time() - started)
+        return final
+
+    def write(self, engine, tmp: Path, rank_state: dict) -> None:
+        """Every rank: DeepSpeed's files and this rank's state, into the temporary folder."""
         engine.save_checkpoint(str(self.dir), tag=tmp.name, client_state={}, save_latest=False)
         torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank_{self.env.rank:05d}.pt")
-        self._saves += 1
-        _fault("kill_in_save", self._saves)  # tests: die in the middle of a checkpoint write
+
+    def commit(self, tmp: Path, final: Path, state: dict) -> None:
+        """After all ranks wrote: rank 0 adds trainer_state.json, renames the folder, then `latest`."""
         dist_utils.barrier()
         if self.env.is_main:
             write_atomic(tmp / STATE_FILE, json.dumps({"format": STATE_FORMAT, **state}, indent=2) + "\n")
             os.rename(tmp, final)  # the commit: the folder appears complete or not at all
-            _fsync_dir(self.dir)
-            write_atomic(self.dir / LATEST, tag + "\n")  # written last
+            fsync_dir(self.dir)
+            write_atomic(self.dir / LATEST, final.name + "\n")  # written last
             self._prune()
         dist_utils.barrier()
-        if self.env.is_main:
-            log.info("saved checkpoint %s (%.1f s)", final, time.time() - started)
-        return final
 
     def _prune(self) -> None:
         complete = complete_checkpoints(self.dir)
@@ -280,24 +262,3 @@ def export_hf(engine, hf_model, out_dir: Path, env: dist_utils.DistEnv, tokenize
         log.info("exported Hugging Face checkpoint to %s", out_dir)
     dist_utils.barrier()
     return out_dir if env.is_main else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Fault injection for the tests: L2A_FAULT="kill_in_save:2" kills the process (SIGKILL) in the
-# middle of its second checkpoint write; "sigterm_at:3" sends SIGTERM to itself after step 3;
-# "nan_at:2,3" makes the loss of steps 2 and 3 NaN (see train.py).
-
-
-def fault_steps(kind: str) -> set[int]:
-    spec = os.environ.get("L2A_FAULT", "")
-    out = set()
-    for part in spec.split(";"):
-        name, _, values = part.partition(":")
-        if name.strip() == kind and values:
-            out |= {int(v) for v in values.split(",") if v.strip()}
-    return out
-
-
-def _fault(kind: str, counter: int) -> None:
-    if counter in fault_steps(kind):
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -5,7 +5,7 @@
 
 torchrun (and the deepspeed launcher, and SLURM through scripts/launch.sh) sets RANK,
 WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. A plain
-`python -m l2a_train.train` gets rank 0 of 1 and a free local port.
+`python -m l2a_train.cli.train` gets rank 0 of 1 and a free local port.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`l2a-generate`: continue a prompt with any checkpoint, through the L2A KV cache.
+"""What `l2a-generate` does: continue a prompt with any checkpoint, through the L2A KV cache.
 
     l2a-generate model.path=checkpoints/quickstart-pruned "prompt='def fibonacci(n):'"   # Hydra quoting
     l2a-generate model.path=/ckpt/qwen3-8b-l2a prompt=@/data/long_prompt.txt max_new_tokens=256
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from l2a_configs import UserError, hydra_app
+from l2a_common import UserError
 
 from .evaluation import kv_report, loading
 
@@ -83,8 +83,3 @@ def generate(cfg) -> str:
              kv["kv_cache_bytes"] / 2**20, 100 * kv["kv_cache_vs_full"])
     return completion
 
-
-main = hydra_app("generate")(generate)
-
-if __name__ == "__main__":
-    main()

@@ -21,6 +21,7 @@ import torch
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk (128 MiB in float32)
+BACKENDS = ("auto", "liger", "chunked")  # auto: liger on CUDA, chunked elsewhere (trainer.loss_backend)
 
 
 def next_token_labels(input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -128,7 +129,7 @@ def linear_cross_entropy(
     elif backend == "chunked":
         total = chunked_linear_cross_entropy(hidden, weight, labels, ignore_index)
     else:
-        raise ValueError(f"unknown backend {backend!r}: auto | liger | chunked")
+        raise ValueError(f"unknown backend {backend!r}: {' | '.join(BACKENDS)}")
     if reduction == "sum":
         return total
     count = (labels != ignore_index).sum().clamp(min=1)

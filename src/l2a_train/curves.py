@@ -5,16 +5,15 @@
 
 Top row: LM loss and skip rate (fraction of tokens skipping global attention in L2A layers)
 against tokens seen, one line per run. Below: for each run, a heat map of the routed fraction
-of every layer over training. The trainer writes `curves.png` into the run directory at the end.
+of every layer over training. The trainer writes `curves.png` into the run directory at the end; `l2a-plot` (`l2a_train.cli.plot`)
+draws it for any runs.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
-from .metrics import read_metrics
+from .training.metrics import read_metrics
 
 
 def _smooth(values, window: int):
@@ -84,26 +83,3 @@ def plot_runs(run_dirs, out, smooth: int = 1, title: str | None = None) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="l2a-plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
-    parser.add_argument("--out", default="curves.png", help="PNG file to write (default: curves.png)")
-    parser.add_argument("--smooth", type=int, default=1, help="trailing moving-average window in steps")
-    parser.add_argument("--title", default=None)
-    args = parser.parse_args(argv)
-    missing = [r for r in args.runs if not (Path(r) / "metrics.jsonl").is_file()]
-    if missing:
-        print(f"error: no metrics.jsonl in {', '.join(missing)} (give run directories of l2a-train)", file=sys.stderr)
-        raise SystemExit(2)
-    try:
-        out = plot_runs(args.runs, args.out, smooth=args.smooth, title=args.title)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
-    print(out)
-
-
-if __name__ == "__main__":
-    main()

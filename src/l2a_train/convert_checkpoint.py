@@ -1,4 +1,5 @@
-"""`l2a-convert`: a base Qwen2/Qwen3 checkpoint (or a config) -> an L2A checkpoint directory.
+"""What `l2a-convert` does: a base Qwen2/Qwen3 checkpoint (or a config) -> an L2A checkpoint directory
+(the in-memory conversion is `l2a_train.model.convert`).
 
 Everything is validated and built in memory first, then written to a temporary sibling
 directory and renamed, so a failed conversion never leaves a half-written output.
@@ -7,11 +8,11 @@ directory and renamed, so a failed conversion never leaves a half-written output
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
-from l2a_configs import UserError, hydra_app
+from l2a_common import UserError
+
+from .atomic import write_atomically
 
 log = logging.getLogger("l2a-convert")
 
@@ -29,24 +30,21 @@ def resolve_tokenizer_dir(cfg) -> Path | None:
     return None
 
 
-def write_atomically(output: Path, overwrite: bool, write) -> None:
-    """Call write(tmp_dir), then move tmp_dir to output (replacing it only if overwrite)."""
-    if output.exists() and not overwrite:
-        raise UserError(f"output={output} already exists; choose another directory or pass overwrite=true")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+def build_device(setting: str):
+    """The `device` setting as a torch device (auto: the GPU when there is one)."""
+    import torch
+
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        write(tmp)
-        if output.exists():
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        device = torch.device(setting)
+    except RuntimeError:
+        raise UserError(f"device={setting}: not a device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={setting}: this machine has no CUDA GPU; use device=cpu or device=auto")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device={setting}: l2a-convert builds on cpu or cuda[:N] (or auto)")
+    return device
 
 
 def convert(cfg) -> Path:
@@ -58,7 +56,7 @@ def convert(cfg) -> Path:
     if output.exists() and not cfg.overwrite:  # fail before any heavy work
         raise UserError(f"output={output} already exists; choose another directory or pass overwrite=true")
     tokenizer_dir = resolve_tokenizer_dir(cfg)
-    base = build_base(cfg.model)
+    base = build_base(cfg.model, build_device(cfg.device))
     model = convert_model(base, cfg.l2a, cfg.model)
     if tokenizer_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -82,8 +80,3 @@ def convert(cfg) -> Path:
     )
     return output
 
-
-main = hydra_app("convert")(convert)
-
-if __name__ == "__main__":
-    main()

@@ -159,9 +159,9 @@ class MetricsLogger:
         self.path = Path(run_dir) / METRICS_FILE
         self._truncate_after(start_step)
         self.file = open(self.path, "a")
-        if logger_cfg.get("wandb", False):
+        if logger_cfg.wandb:
             self._init_wandb(run_dir, run_name, config, logger_cfg)
-        if progress and logger_cfg.get("progress", True):
+        if progress and logger_cfg.progress:
             from tqdm.auto import tqdm
 
             tty = sys.stderr.isatty()
@@ -184,13 +184,13 @@ class MetricsLogger:
             alphabet = string.ascii_lowercase + string.digits
             self.wandb_id = "".join(secrets.choice(alphabet) for _ in range(8))
         self.wandb_run = wandb.init(
-            project=logger_cfg.get("project", "l2a-train"),
-            entity=logger_cfg.get("entity"),
+            project=logger_cfg.project,
+            entity=logger_cfg.entity,
             name=run_name,
             id=self.wandb_id,
             resume="allow",
             dir=str(run_dir),
-            mode=logger_cfg.get("mode", "offline"),
+            mode=logger_cfg.mode,
             config=config,
         )
 

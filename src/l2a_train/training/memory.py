@@ -24,11 +24,9 @@ free. docs/BENCHMARKS.md compares the prediction with measured peaks.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from l2a_configs import UserError
+from l2a_common import UserError
 
 GIB = 2**30
 RESERVE = 0.05  # of the device memory: CUDA context, workspaces, allocator fragmentation
@@ -78,7 +76,7 @@ def shape_of(base: dict, l2a_cfg, is_l2a: bool) -> Shape:
     if is_l2a:
         l2a_layers = list(base.get("l2a_layer_types") or []).count("l2a")
     elif l2a_cfg.mode in ("l2a", "random"):
-        from .model import select_layers
+        from ..model import select_layers
 
         l2a_layers = len(select_layers(l2a_cfg.layers, layers))
     else:
@@ -189,7 +187,9 @@ def device_memory(cfg, device) -> int | None:
 def base_config(model_cfg, family_configs) -> tuple[dict, bool]:
     """(config.json of model.path, or model.config with the family's defaults; is it L2A)."""
     if model_cfg.get("path"):
-        config = json.loads((Path(model_cfg.path) / "config.json").read_text())
+        from ..checkpoint_config import read_config
+
+        config = read_config(model_cfg.path)
         return config, str(config.get("model_type", "")).startswith("l2a_")
     from omegaconf import OmegaConf
 

@@ -1,4 +1,5 @@
-"""`l2a-prune`: post-training pruning of L2A layers whose router (almost) never fires.
+"""What `l2a-prune` does: post-training pruning of L2A layers whose router (almost) never fires
+(the in-model operation is `l2a_train.model.pruning`).
 
     l2a-prune model.path=checkpoints/quickstart-l2a calibration.path=data/quickstart output=checkpoints/quickstart-pruned
     l2a-prune model.path=/ckpt/qwen3-8b-l2a k=18 eval=ruler data.path=/data/heldout output=/ckpt/qwen3-8b-l2a-pruned
@@ -29,11 +30,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from l2a_configs import UserError, hydra_app
+from l2a_common import UserError
 
-from .convert import write_atomically
+from .atomic import write_atomically
+from .checkpoint_config import read_config
 from .data import check_tokenizer_matches
-from .evaluation import check_suite, kv_report, loading, open_data, retrieval, run_suite
+from .evaluation import check_kv_length, check_suite, kv_report, loading, open_data, retrieval, run_suite
 from .evaluation.perplexity import label
 from .model import prune_layers
 
@@ -58,14 +60,13 @@ def check_settings(cfg) -> tuple[float, int | None]:
     elif threshold == 0.0:  # a routed fraction is never below 0
         raise UserError("threshold=0 prunes no layer (no routed fraction is below 0): give a threshold in (0, 1], "
                         "e.g. threshold=0.05, or k=<number of layers> to prune the k sparsest")
-    if int(cfg.kv_length) < 1:
-        raise UserError(f"kv_length={cfg.kv_length}: must be a positive number of tokens")
+    check_kv_length(cfg.kv_length)
     return threshold, k
 
 
 def check_layers(path: Path, k: int | None) -> None:
     """L2A layers left to prune, and at least k of them: from config.json, before the model loads."""
-    types = list(json.loads((path / "config.json").read_text()).get("l2a_layer_types") or [])
+    types = list(read_config(path).get("l2a_layer_types") or [])
     if "l2a" not in types:
         raise UserError(f"model.path={path} has no L2A layers left to prune (layer types {types})")
     if k is not None and k > types.count("l2a"):
@@ -257,8 +258,3 @@ def prune(cfg) -> dict:
     log.info("wrote %s\n%s", output, markdown(rep))
     return rep
 
-
-main = hydra_app("prune")(prune)
-
-if __name__ == "__main__":
-    main()

@@ -8,17 +8,25 @@ processes of one run (length, intervals, stop step, speed and memory settings, l
 checkpoints go) are not compared. `trainer.resume=never` moves everything of the earlier run
 (checkpoints, metrics, summary, config, curves, export, wandb files) into one folder beside it,
 so nothing of it is lost.
+
+`plan_resume` decides where a run starts from (its own latest checkpoint, a given one, another
+run's weights with `trainer.init_from`, or nothing) and whether that checkpoint needs DeepSpeed's
+universal conversion (another world size); `convert_universal` does the conversion once.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from l2a_configs import UserError
+from l2a_common import UserError
+
+from . import checkpoints as ckpt_lib
+from . import distributed as dist_utils
 
 log = logging.getLogger("l2a_train")
 
@@ -87,3 +95,69 @@ def set_aside(run_dir: Path) -> Path | None:
     for path in present:
         path.rename(aside / path.name)
     return aside
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    resume_path: Path | None  # this run's checkpoint to continue (step, data, RNG, optimizer)
+    init_path: Path | None  # trainer.init_from: another run's weights (and optimizer); a fresh start
+    universal: bool  # load through DeepSpeed's universal conversion of the source
+    resume_state: dict | None  # trainer_state.json of resume_path
+
+    @property
+    def source(self) -> Path | None:
+        return self.resume_path or self.init_path
+
+
+def plan_resume(cfg, plan, env, checkpointer, resolved: dict) -> ResumePlan:
+    """Where this run starts from, checked before anything is built (all ranks call it)."""
+    t = cfg.trainer
+    run_dir = checkpointer.dir.parent
+    if t.resume == "auto":
+        resume_path = checkpointer.latest()
+    elif t.resume == "never":
+        resume_path = None
+        if env.is_main:  # keep the earlier run's files, out of the way
+            aside = set_aside(run_dir)
+            if aside is not None:
+                log.warning("trainer.resume=never: moved the earlier run's files to %s", aside)
+        dist_utils.barrier()
+    else:
+        resume_path = ckpt_lib.resolve_checkpoint(t.resume, "trainer.resume")
+    if resume_path is not None:
+        check_same_run(resume_path, resolved, bool(t.resume_override))
+    resume_state = ckpt_lib.read_state(resume_path) if resume_path else None
+    init_path = None
+    if resume_path is None and t.get("init_from"):  # a new stage: another run's weights (and optimizer)
+        init_path = ckpt_lib.resolve_checkpoint(t.init_from, "trainer.init_from")
+    source = resume_path or init_path
+    universal = False
+    if source is not None:
+        source_state = ckpt_lib.read_state(source)
+        weights_only = init_path is not None and not t.init_optimizer
+        how = ckpt_lib.load_plan(source_state, env.world_size, plan.zero_stage, weights_only)
+        saved = (f"{source} was saved with world size {source_state.get('world_size')} and ZeRO stage "
+                 f"{source_state.get('zero_stage')}, this run has world size {env.world_size} and ZeRO stage "
+                 f"{plan.zero_stage}")
+        if how == "unsupported":
+            raise UserError(f"{saved}: DeepSpeed cannot convert that; relaunch with the saved ZeRO stage "
+                            f"(deepspeed=zero{source_state.get('zero_stage')}), or start a new run from its weights "
+                            f"with model.path={source.parent.parent / 'hf'} (the run's Hugging Face export)")
+        if how == "universal" and not t.universal_checkpoint:
+            raise UserError(f"{saved}; relaunch with the saved world size, or set trainer.universal_checkpoint=true "
+                            "to convert it (DeepSpeed universal checkpoint)")
+        universal = how == "universal"
+    return ResumePlan(resume_path, init_path, universal, resume_state)
+
+
+def convert_universal(source: Path, checkpointer, env) -> None:
+    """DeepSpeed's universal conversion of `source`, on rank 0; its error reaches every rank."""
+    error = None
+    if env.is_main:
+        try:
+            ckpt_lib.convert_to_universal(source, checkpointer.universal_path(source))
+        except UserError as err:
+            error = str(err)
+    error = dist_utils.broadcast_object(error)
+    if error:
+        raise UserError(error)
