@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Multi-GPU runs on one node through the real commands: loss parity, scaling, resume across
-GPU counts. Every run is `torchrun --standalone --nproc_per_node=N -m l2a_train.train ...` on
+GPU counts. Every run is `torchrun --standalone --nproc_per_node=N -m l2a_train.cli.train ...` on
 rows written by `l2a-prep`; figures come from the runs' metrics.jsonl. One Markdown table:
 
     python scripts/bench_multi_gpu.py --work /tmp/mg                      # all parts, GPU counts 1 2 4 8 (those present)
@@ -74,7 +74,7 @@ def train(work: Path, name: str, gpus: int, s: dict, data: Path, *overrides: str
     the same name is set aside (trainer.resume=never), else it is resumed."""
     run_root = run_root or work / "runs"
     torchrun = command("torchrun")
-    args = [*torchrun, "--standalone", f"--nproc_per_node={gpus}", "-m", "l2a_train.train",
+    args = [*torchrun, "--standalone", f"--nproc_per_node={gpus}", "-m", "l2a_train.cli.train",
             f"experiment={s['experiment']}", f"model.family={s['family']}", "model.path=null",
             f"model.config={s['shape']}", f"data.path={data}", "trainer.micro_batch_size=1", "trainer.save_every=0",
             "trainer.export_hf=false", "trainer.log_every=1", "trainer.warmup_steps=1", f"run_root={run_root}",
