@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test test-gpu bench clean
+.PHONY: install quickstart test test-unit test-gpu bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ quickstart: install
 test: install
 	@$(BIN)/python -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+# The unit tests only (minutes): everything but the tests that run the commands as a user does (marker e2e).
+test-unit: install
+	$(BIN)/python -m pytest -q -m "not e2e"
 
 # The GPU suite, on a CUDA machine where the project is installed in the Python that has CUDA
 # (`pip install -e .`; the .venv is used when there is one).

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # runs the commands as a user does; `pytest -m "not e2e"` runs the unit tests
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 TINY = ["--shape", "tiny", "--lengths", "128", "--device", "cpu", "--dtype", "float32", "--repeats", "1", "--warmup", "0"]
 

@@ -131,6 +131,7 @@ def test_eval_and_prune_refuse_a_damaged_l2a_checkpoint_in_one_line(ckpts, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
 
 
+@pytest.mark.e2e
 def test_the_commands_print_one_line_for_a_truncated_checkpoint(ckpts, tmp_path):
     base = damage(ckpts["base"], tmp_path / "base", "truncated")
     l2a = damage(ckpts["l2a"], tmp_path / "l2a", "truncated")
@@ -166,6 +167,7 @@ def test_full_attention_ignores_layers_and_window(tmp_path):
     assert config["l2a_layer_types"] == ["global"] * 4
 
 
+@pytest.mark.e2e
 def test_convert_and_prune_settings_that_change_nothing_are_one_line_from_the_command(ckpts, tmp_path):
     error = one_error(run([BIN / "l2a-convert", "l2a.layers=[]", "output=out"], tmp_path))
     assert "l2a.layers=[] selects none" in error and "l2a=full for a full-attention model" in error
@@ -174,6 +176,7 @@ def test_convert_and_prune_settings_that_change_nothing_are_one_line_from_the_co
     assert not (tmp_path / "out").exists()  # the window and threshold=0: tests above and in test_prune.py
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("device, message", [
     ("tpu0", "device=tpu0: not a device; use auto, cpu or cuda[:N]"),
     ("meta", "device=meta: l2a-convert builds on cpu or cuda[:N] (or auto)"),

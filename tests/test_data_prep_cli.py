@@ -12,6 +12,8 @@ import pytest
 
 from l2a_train.data import PackedDataset, PackedLoader
 
+pytestmark = pytest.mark.e2e  # runs the commands as a user does; `pytest -m "not e2e"` runs the unit tests
+
 BIN = Path(sys.executable).parent / "l2a-prep"
 
 

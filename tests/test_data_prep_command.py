@@ -23,6 +23,8 @@ from l2a_data_prep import format as fmt
 from l2a_data_prep import tokenizer
 from l2a_data_prep.pipeline import prepare
 
+pytestmark = pytest.mark.e2e  # runs the commands as a user does; `pytest -m "not e2e"` runs the unit tests
+
 BIN = Path(sys.executable).parent / "l2a-prep"
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}

@@ -29,6 +29,8 @@ from l2a_common import UserError, compose
 from l2a_train.evaluation import retrieval
 from l2a_train.prune_checkpoint import prune
 
+pytestmark = pytest.mark.e2e  # runs the commands as a user does; `pytest -m "not e2e"` runs the unit tests
+
 BIN = Path(sys.executable).parent
 WIDE_VOCAB = 24000
 SMALL_DATA = ["max_tokens=40000", "tokenizer.estimate_chars=50000", "shards.tokens=16000", "progress=false"]

@@ -32,6 +32,7 @@ def _train(cwd, *args):
                           timeout=300)
 
 
+@pytest.mark.e2e
 def test_dry_run_of_qwen3_8b_at_128k_on_cpu(tmp_path):
     proc = _train(tmp_path, "experiment=qwen3_8b_128k_1gpu", "model.path=null", QWEN3_8B, "trainer.dry_run=true",
                   "trainer.memory_limit_gib=139.8", f"run_root={tmp_path / 'runs'}")
@@ -56,6 +57,7 @@ def data(tmp_path_factory):
     return work / "data"
 
 
+@pytest.mark.e2e
 def test_plan_over_the_device_stops_before_the_model_with_one_line(tmp_path, data):
     proc = _train(tmp_path, "experiment=quickstart", f"data.path={data}", "model.path=null", "l2a.window=32",
                   "trainer.memory_limit_gib=0.01", f"run_root={tmp_path / 'runs'}")

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from stage_table import stage_rows
 
+pytestmark = pytest.mark.e2e  # runs the commands as a user does; `pytest -m "not e2e"` runs the unit tests
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ARMS = ["full", "l2a", "swa", "random", "static"]

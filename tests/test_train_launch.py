@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # runs the commands as a user does; `pytest -m "not e2e"` runs the unit tests
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "launch.sh"
 
 
