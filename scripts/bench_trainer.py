@@ -138,7 +138,7 @@ def layout_stats(data: Path, seq_len: int) -> dict:
 def run_case(c: dict, data: Path, work: Path, warmup: int, timeout: int, log) -> dict:
     run_root = work / "runs"
     args = [f"experiment={c['experiment']}", f"model.family={c['family']}", "model.path=null",
-            f"model.config={SHAPES[c['model']]}", f"data.path={data}", *METHODS[c["method"]],
+            f"model.config={SHAPES[c['model']]}", f"data.path={data}", f"data.seq_len={c['seq_len']}", *METHODS[c["method"]],
             f"trainer.steps={c['steps']}", "trainer.warmup_steps=1", f"trainer.global_batch_size={c['batch']}",
             "trainer.micro_batch_size=1", "trainer.save_every=0", "trainer.export_hf=false", "trainer.log_every=1",
             "trainer.resume=never",
