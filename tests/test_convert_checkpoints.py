@@ -179,7 +179,7 @@ def test_convert_and_prune_settings_that_change_nothing_are_one_line_from_the_co
 @pytest.mark.e2e
 @pytest.mark.parametrize("device, message", [
     ("tpu0", "device=tpu0: not a device; use auto, cpu or cuda[:N]"),
-    ("meta", "device=meta: l2a-convert builds on cpu or cuda[:N] (or auto)"),
+    ("meta", "device=meta: the commands run on cpu or cuda[:N] (or auto)"),
 ] + ([] if torch.cuda.is_available() else [("cuda", "device=cuda: this machine has no CUDA GPU")]))
 def test_convert_names_a_bad_device_in_one_line(tmp_path, device, message):
     error = one_error(run([BIN / "l2a-convert", f"device={device}", "output=out"], tmp_path))

@@ -13,6 +13,7 @@ from pathlib import Path
 from l2a_common import UserError
 
 from .atomic import write_atomically
+from .devices import resolve_device
 
 log = logging.getLogger("l2a-convert")
 
@@ -30,23 +31,6 @@ def resolve_tokenizer_dir(cfg) -> Path | None:
     return None
 
 
-def build_device(setting: str):
-    """The `device` setting as a torch device (auto: the GPU when there is one)."""
-    import torch
-
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(setting)
-    except RuntimeError:
-        raise UserError(f"device={setting}: not a device; use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={setting}: this machine has no CUDA GPU; use device=cpu or device=auto")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"device={setting}: l2a-convert builds on cpu or cuda[:N] (or auto)")
-    return device
-
-
 def convert(cfg) -> Path:
     from transformers import AutoTokenizer
 
@@ -56,7 +40,7 @@ def convert(cfg) -> Path:
     if output.exists() and not cfg.overwrite:  # fail before any heavy work
         raise UserError(f"output={output} already exists; choose another directory or pass overwrite=true")
     tokenizer_dir = resolve_tokenizer_dir(cfg)
-    base = build_base(cfg.model, build_device(cfg.device))
+    base = build_base(cfg.model, resolve_device(cfg.device))
     model = convert_model(base, cfg.l2a, cfg.model)
     if tokenizer_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))

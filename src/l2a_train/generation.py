@@ -17,6 +17,7 @@ import torch
 
 from l2a_common import UserError
 
+from .devices import resolve_device
 from .evaluation import kv_report, loading
 
 log = logging.getLogger("l2a-generate")
@@ -57,7 +58,7 @@ def generate(cfg) -> str:
     if int(cfg.max_new_tokens) < 1:
         raise UserError(f"max_new_tokens={cfg.max_new_tokens}: must be >= 1")
     text = read_prompt(cfg.prompt)
-    device = loading.resolve_device(cfg.get("device"))
+    device = resolve_device(cfg.get("device"))
     model, _ = loading.load_model(cfg.model, cfg.get("backend"), device)
     tokenizer = loading.load_tokenizer(cfg.tokenizer, cfg.model.path)
     loading.check_tokenizer(tokenizer, model)

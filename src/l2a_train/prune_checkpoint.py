@@ -35,6 +35,7 @@ from l2a_common import UserError
 from .atomic import write_atomically
 from .checkpoint_config import read_config
 from .data import check_tokenizer_matches
+from .devices import resolve_device
 from .evaluation import check_kv_length, check_suite, kv_report, loading, open_data, retrieval, run_suite
 from .evaluation.perplexity import label
 from .model import prune_layers
@@ -200,7 +201,7 @@ def prune(cfg) -> dict:
         check_suite(cfg.eval, positions, bool(cfg.data.path), tokenizer if cfg.eval_change else None)
     if not cfg.calibration.path:
         retrieval.check_fit(cfg.eval.retrieval, tokenizer, calibration_cells(cfg.eval.retrieval))
-    device = loading.resolve_device(cfg.get("device"))
+    device = resolve_device(cfg.get("device"))
     model, _ = loading.load_model(cfg.model, cfg.get("backend"), device)
     types_before = list(model.config.l2a_layer_types)
     if tokenizer is not None:

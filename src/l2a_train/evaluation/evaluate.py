@@ -23,6 +23,7 @@ from l2a_common import UserError
 
 from ..atomic import write_atomically
 from ..data import check_tokenizer_matches
+from ..devices import resolve_device
 from . import check_kv_length, check_suite, loading, model_summary, open_data, report, run_suite
 
 log = logging.getLogger("l2a-eval")
@@ -41,7 +42,7 @@ def evaluate(cfg) -> dict:
     if output.exists() and not cfg.overwrite:  # fail before any heavy work
         raise UserError(f"output={output} already exists; choose another directory or pass overwrite=true")
     check_kv_length(cfg.kv_length)
-    device = loading.resolve_device(cfg.get("device"))
+    device = resolve_device(cfg.get("device"))
     positions = loading.configured_positions(cfg.model)
     check_tokenizer_matches(cfg.model.path, {"data.path": cfg.data.path}, bool(cfg.data.allow_tokenizer_mismatch))
     tokenizer = loading.load_tokenizer(cfg.tokenizer, cfg.model.path, cfg.data.path, required=bool(cfg.eval.retrieval.enabled))

@@ -24,18 +24,6 @@ log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device='{name}' is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device='{name}' but CUDA is not available here; use device=cpu or auto")
-    return device
-
-
 def checkpoint_type(path) -> str:
     from l2a_train.model.convert import read_model_type
 
