@@ -184,3 +184,15 @@ def test_convert_and_prune_settings_that_change_nothing_are_one_line_from_the_co
 def test_convert_names_a_bad_device_in_one_line(tmp_path, device, message):
     error = one_error(run([BIN / "l2a-convert", f"device={device}", "output=out"], tmp_path))
     assert message in error and not (tmp_path / "out").exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command, arg, message", [
+    ("l2a-convert", "layers=[]", "`layers=[]`: l2a-convert has no setting layers; did you mean l2a.layers?"),
+    ("l2a-train", "trainer.lr_schedul=cosine", "`trainer.lr_schedul=cosine`: l2a-train has no setting trainer.lr_schedul"),
+    ("l2a-prep", "windows=5", "`windows=5`: l2a-prep has no setting windows"),
+])
+def test_a_setting_that_does_not_exist_is_one_line_from_the_command(tmp_path, command, arg, message):
+    """Hydra's own message for an unknown key is five lines and exit 1; ours names the setting meant."""
+    error = one_error(run([BIN / command, arg, "output=out"], tmp_path))
+    assert message in error and "+" in error and not (tmp_path / "out").exists()

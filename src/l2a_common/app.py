@@ -3,7 +3,8 @@
 shipped as the package `l2a_configs`), made with `hydra_app`.
 
 What the wrapper adds to plain `hydra.main`: a Python version check, one clear line for an
-unknown `group=option` (Hydra's own message is several lines plus a stack-trace hint), and
+unknown `group=option` or an unknown setting `key=value` (Hydra's own messages are several lines
+plus a stack-trace hint), and
 `UserError` from the task printed as one line with exit status 2 instead of a traceback.
 `check_python` runs before the environment exists too (the Makefile calls it with the system
 Python), so this module imports only the standard library at import time.
@@ -59,6 +60,60 @@ def check_group_overrides(argv: list[str]) -> None:
                 )
 
 
+def check_setting_overrides(config_name: str, argv: list[str]) -> None:
+    """Reject `key=value` overrides of settings the command's config does not have, in one line
+    that suggests the setting meant (`layers=[]` -> `l2a.layers`). The config is composed with the
+    command line's group choices (an experiment adds settings); anything Hydra reports better
+    itself (syntax, sweeps of groups, `+key` additions, `~key` deletions, `hydra.*`) is left to it."""
+    plain = [a for a in argv if not a.startswith("-") and "=" in a]
+    if not plain:
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import DictConfig, OmegaConf
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(plain)
+    except Exception:  # noqa: BLE001  (a syntax error: Hydra's message names the position)
+        return
+    groups = config_groups()
+    chosen = [a for a, o in zip(plain, parsed) if o.key_or_group in groups]
+    settings = [(a, o.key_or_group) for a, o in zip(plain, parsed)
+                if o.key_or_group not in groups and not (o.is_add() or o.is_delete() or o.is_force_add())
+                and o.package is None and not o.key_or_group.startswith("hydra.")]
+    if not settings:
+        return
+    try:
+        cfg = compose(config_name, chosen)
+    except Exception:  # noqa: BLE001  (a sweep over groups or a bad group: Hydra reports it)
+        return
+    known = None
+    for arg, key in settings:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig) and leaf in node.keys():
+            continue
+        if known is None:
+            known = _setting_names(cfg)
+        similar = [k for k in known if k == leaf or k.endswith("." + leaf)][:3]
+        hint = f"; did you mean {' or '.join(similar)}?" if similar else ""
+        fail(f"`{arg}`: l2a-{config_name} has no setting {key}{hint} (`+{key}=...` adds a new key; "
+             f"`l2a-{config_name} --cfg job` prints every setting)")
+
+
+def _setting_names(cfg, prefix: str = "") -> list[str]:
+    """Dotted names of every setting in a config, nested ones included."""
+    from omegaconf import DictConfig
+
+    names = []
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        names.append(name)
+        value = cfg._get_node(key)
+        if isinstance(value, DictConfig) and not value._is_missing() and not value._is_none():
+            names += _setting_names(value, name + ".")
+    return names
+
+
 def hydra_app(config_name: str) -> Callable[[Callable], Callable[[], None]]:
     """Decorator: turn `task(cfg)` into a console-script `main()` over this config tree."""
 
@@ -79,6 +134,7 @@ def hydra_app(config_name: str) -> Callable[[Callable], Callable[[], None]]:
         def main() -> None:
             check_python()
             check_group_overrides(sys.argv[1:])
+            check_setting_overrides(config_name, sys.argv[1:])
             os.environ.setdefault("WANDB_MODE", "offline")  # never wait on the network by default
             hydra_main()
 
