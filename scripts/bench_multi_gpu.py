@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_trainer import QWEN2_5_1_5B, TINY, command  # noqa: E402
+from bench_trainer import QWEN2_5_1_5B, TINY, command, prep_layout  # noqa: E402
 
 TOLERANCE = 0.01
 
@@ -54,18 +54,8 @@ def log(msg: str) -> None:
 
 
 def prep(work: Path, seq_len: int, rows: int) -> Path:
-    out = work / "data" / f"rows-{seq_len}-{rows}"
-    chars = 3 * seq_len
-    args = [f"output={out}", f"seq_len={seq_len}", f"max_tokens={rows * seq_len}", "workers=4",
-            f"tokenizer.train.cache_dir={work / 'tokenizers'}", "tokenizer.estimate_chars=200000",
-            "tokenizer.train.sample_chars=1000000", "~sources.code", "~sources.retrieval",
-            f"+sources.long={{type: retrieval, length: [{chars}, {8 * chars}], num_docs: {max(8, rows)}}}",
-            "mixture=[long@1.0]"]
-    log(f"l2a-prep {seq_len}-token rows: {out}")
-    with open(work / f"prep-{seq_len}.log", "w") as out_log:
-        subprocess.run(command("l2a-prep") + ["prep=quickstart"] + args, check=True, cwd=ROOT, stdout=out_log,
-                       stderr=subprocess.STDOUT)
-    return out
+    """Rows of one long document each (bench_trainer's `long` layout)."""
+    return prep_layout(work, "long", seq_len, rows, log)
 
 
 def train(work: Path, name: str, gpus: int, s: dict, data: Path, *overrides: str, run_root: Path | None = None,

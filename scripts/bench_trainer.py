@@ -98,8 +98,9 @@ def command(name: str) -> list[str]:
 
 
 def prep_layout(work: Path, layout: str, seq_len: int, rows: int, log) -> Path:
-    """Rows written by l2a-prep (reused when present: a rerun of the same settings resumes)."""
-    out = work / "data" / f"{layout}-{seq_len}"
+    """Rows written by l2a-prep (reused when present: a rerun of the same settings resumes; other
+    row counts get their own folder, since l2a-prep refuses to change a prepared one)."""
+    out = work / "data" / f"{layout}-{seq_len}-{rows}"
     chars = 3 * seq_len  # the built-in BPE takes about 3 characters per token of retrieval text
     long_docs = ["type: retrieval", f"length: [{4 * chars}, {8 * chars}]"]
     args = [f"output={out}", f"seq_len={seq_len}", f"max_tokens={rows * seq_len}", "workers=4",
@@ -113,14 +114,14 @@ def prep_layout(work: Path, layout: str, seq_len: int, rows: int, log) -> Path:
                  "+sources.short={type: retrieval, num_docs: " + str(max(50, rows * seq_len // 2000)) +
                  ", length: [3000, 24000], seed: 1}", "mixture=[long@0.5,short@0.5]"]
     log(f"l2a-prep {layout} {seq_len}: {out}")
-    subprocess.run(command("l2a-prep") + ["prep=quickstart"] + args, check=True, cwd=ROOT,
-                   stdout=open(work / f"prep-{layout}-{seq_len}.log", "w"), stderr=subprocess.STDOUT)
+    with open(work / f"prep-{out.name}.log", "w") as prep_log:
+        subprocess.run(command("l2a-prep") + ["prep=quickstart"] + args, check=True, cwd=ROOT, stdout=prep_log,
+                       stderr=subprocess.STDOUT)
     return out
 
 
 def layout_stats(data: Path, seq_len: int) -> dict:
     """Share of single-document rows and the median document length, from the prepared rows."""
-    sys.path.insert(0, str(ROOT / "src"))
     from l2a_train.data import PackedDataset
 
     dataset = PackedDataset(str(data), seq_len=seq_len)

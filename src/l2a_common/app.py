@@ -86,31 +86,25 @@ def check_setting_overrides(config_name: str, argv: list[str]) -> None:
         cfg = compose(config_name, chosen)
     except Exception:  # noqa: BLE001  (a sweep over groups or a bad group: Hydra reports it)
         return
-    known = None
     for arg, key in settings:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         if isinstance(node, DictConfig) and leaf in node.keys():
             continue
-        if known is None:
-            known = _setting_names(cfg)
+        known = _setting_names(OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False))
         similar = [k for k in known if k == leaf or k.endswith("." + leaf)][:3]
         hint = f"; did you mean {' or '.join(similar)}?" if similar else ""
         fail(f"`{arg}`: l2a-{config_name} has no setting {key}{hint} (`+{key}=...` adds a new key; "
              f"`l2a-{config_name} --cfg job` prints every setting)")
 
 
-def _setting_names(cfg, prefix: str = "") -> list[str]:
-    """Dotted names of every setting in a config, nested ones included."""
-    from omegaconf import DictConfig
-
+def _setting_names(node, prefix: str = "") -> list[str]:
+    """Dotted names of every setting in a config (as a plain container), nested ones included."""
     names = []
-    for key in cfg.keys():
-        name = f"{prefix}{key}"
-        names.append(name)
-        value = cfg._get_node(key)
-        if isinstance(value, DictConfig) and not value._is_missing() and not value._is_none():
-            names += _setting_names(value, name + ".")
+    for key, value in node.items():
+        names.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            names += _setting_names(value, f"{prefix}{key}.")
     return names
 
 
