@@ -6,10 +6,13 @@
 #                (configs/prep/replicate*.yaml)
 #   2. base      l2a-train: a 29M-parameter Qwen3-shaped model from scratch, full attention, at
 #                C = 4096 (configs/experiment/replicate_base.yaml); its HF export is the base
-#   3. arms      l2a-convert + l2a-train at 4C = 16384, RoPE theta 1e4 -> 2e5, five arms with the
-#                same tokens, order, schedule and trainable set: full, L2A (W = C/8), SWA, random
-#                routing at L2A's measured density, static hybrid at the same budget
-#                (configs/experiment/replicate_*.yaml)
+#   3. arms      l2a-convert + l2a-train at 4C = 16384, RoPE theta 1e4 -> 2e5, arms with the
+#                same tokens, order, schedule and trainable set: full, L2A (W = C/8) at two
+#                regularizer weights (l2a: lambda_max 5e-7, l2a_strong: 2e-5), SWA, random
+#                routing at the chosen L2A arm's measured density, static hybrid at the same
+#                budget (configs/experiment/replicate_*.yaml). The chosen L2A arm is the one whose
+#                training density ends nearest the paper's 20% routed (training metrics only,
+#                never the evaluation); it is the one pruned and matched.
 #   4. eval      l2a-eval of every arm at C, 2C, 4C (configs/eval/replicate.yaml)
 #   5. prune     l2a-prune of the L2A arm (the sparsest half of the layers), l2a-eval again
 #   6. report    scripts/replicate_report.py: <dir>/results.md, one row per arm
@@ -59,6 +62,7 @@ deadline=""; [ -n "$budget" ] && deadline=$((SECONDS + budget))
 # token budgets live in the configs (time plan: configs/experiment/replicate_base.yaml).
 # --tiny: C = 256, W = 32, 4 layers, a 1024-token BPE, 2-4 steps, stages two at a time on 2 cores.
 C=4096; W=512; layers=8; theta=2.0e5; jobs=1
+declare -A lambdas=()   # --tiny only: l2a.regularizer.lambda_max per L2A arm (GPU: the configs')
 prep=(progress=false count_unread=false "tokenizer.train.cache_dir=$dir/tokenizers")
 base_train=(); arm_train=(); convert=(model.dtype=bfloat16)
 suite=(eval=replicate data.max_rows=8); calibration_rows=8
@@ -76,7 +80,8 @@ if [ "$tiny" = 1 ]; then
               trainer.steps=4 trainer.warmup_steps=1 trainer.micro_batch_size=2 trainer.global_batch_size=2
               trainer.precision=fp32 trainer.save_every=0 trainer.lr=3e-3)
   arm_train=(trainer.steps=2 trainer.warmup_steps=1 trainer.micro_batch_size=1 trainer.global_batch_size=1
-             trainer.precision=fp32 trainer.save_every=0 l2a.regularizer.lambda_max=1e-3)
+             trainer.precision=fp32 trainer.save_every=0)
+  lambdas=([l2a]=1e-3 [l2a_strong]=4e-2)   # the tiny rows are 16x shorter: a larger weight per token
   convert=(model.dtype=float32)
   suite=(eval=replicate_tiny data.max_rows=1); calibration_rows=1
 else
@@ -99,7 +104,6 @@ fi
 L=$((4 * C)); prune_k=$((layers / 2))
 base_train+=(data.seq_len=$C); arm_train+=(data.seq_len=$L)
 convert+=(model.rope_theta=$theta model.max_position_embeddings=$L l2a.window=$W)
-ARMS=(full l2a swa random static)
 
 # ---------------------------------------------------------------------------------------------
 # Stages: stage_argv NAME sets argv (the command), stage_done NAME says whether its outputs are
@@ -108,31 +112,40 @@ ARMS=(full l2a swa random static)
 # whose outputs are missing. Every model evaluated is <dir>/runs/replicate_<arm>/hf: the five
 # arms' exports and the pruned L2A checkpoint (arm l2a_pruned, written there by l2a-prune).
 base_hf=$dir/runs/replicate_base/hf
-MAIN=(l2a full swa); MATCHED=(random static)       # matched: at the L2A arm's measured density
+MAIN=(l2a full swa); MATCHED=(random static)       # matched: at the chosen L2A arm's measured density
+L2AS=(l2a l2a_strong)   # the L2A arms (both trained from ckpt/l2a); density.json names the chosen one
 run_of() { echo "$dir/runs/replicate_$1"; }
 hf_of() { echo "$dir/runs/replicate_$1/hf"; }
 arms_of() { case "$1" in convert-main) echo "${MAIN[@]}" ;; convert-matched) echo "${MATCHED[@]}" ;; esac; }
-eval_arms() { case "$1" in eval-main) echo "${MAIN[@]} l2a_pruned" ;; eval-matched) echo "${MATCHED[@]}" ;; esac; }
+eval_arms() { case "$1" in eval-main) echo "${MAIN[@]} l2a_strong l2a_pruned" ;; eval-matched) echo "${MATCHED[@]}" ;; esac; }
+ckpt_of() { case "$1" in l2a_strong) echo "$dir/ckpt/l2a" ;; *) echo "$dir/ckpt/$1" ;; esac; }
 comma() { local IFS=,; echo "$*"; }
 
 # The base's export (l2a=full: an L2A checkpoint with every layer global) converts like a plain
 # Qwen3 checkpoint: l2a-convert reads it directly.
 
-# The L2A arm's density: mean routed fraction of the last 10% of its logged steps (metrics.jsonl);
-# the random arm routes at that rate, the static arm keeps every k-th layer global with k
-# giving the nearest share of global layers (ties: fewer global layers).
+# Each L2A arm's density: mean routed fraction of the last 10% of its logged steps (metrics.jsonl).
+# The chosen arm is the one whose density is nearest the paper's 20% (a training figure: the
+# evaluation plays no part); the random arm routes at its rate, the static arm keeps every k-th
+# layer global with k giving the nearest share of global layers (ties: fewer global layers).
 read -r -d '' DENSITY <<'PY'
 import json, sys
-metrics, layers, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-lines = [json.loads(l) for l in open(metrics) if l.strip().startswith("{")]
-lines = [l for l in lines if l.get("routed_fraction") is not None]
-if not lines:
-    sys.exit(f"error: {metrics} holds no routed fractions")
-tail = lines[-max(1, len(lines) // 10):]
-density = sum(l["routed_fraction"] for l in tail) / len(tail)
+layers, out, runs = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+arms = {}
+for run in runs:
+    metrics = run + "/metrics.jsonl"
+    lines = [json.loads(l) for l in open(metrics) if l.strip().startswith("{")]
+    lines = [l for l in lines if l.get("routed_fraction") is not None]
+    if not lines:
+        sys.exit(f"error: {metrics} holds no routed fractions")
+    tail = lines[-max(1, len(lines) // 10):]
+    arms[run.rsplit("/replicate_", 1)[1]] = {"density": sum(l["routed_fraction"] for l in tail) / len(tail),
+                                             "steps_averaged": len(tail), "last_step": lines[-1]["step"]}
+arm = min(arms, key=lambda a: abs(arms[a]["density"] - 0.2))
+density = arms[arm]["density"]
 rate = round(min(1.0, max(0.0, density)), 4)
 k = min(range(1, layers + 1), key=lambda k: (abs(layers // k / layers - density), -k))
-info = {"density": density, "steps_averaged": len(tail), "last_step": lines[-1]["step"], "random_rate": rate,
+info = {"arm": arm, **arms[arm], "arms": arms, "random_rate": rate,
         "static_every": k, "static_global_layers": layers // k, "layers": layers}
 open(out, "w").write(json.dumps(info, indent=2) + "\n")
 print(json.dumps(info))
@@ -172,10 +185,11 @@ stage_argv() {
     train-*)
       local extra=()
       [ "$arm" = random ] && extra=(l2a.random_rate=$(density_value random_rate))
-      argv=("${bin}l2a-train" "experiment=replicate_$arm" "model.path=$dir/ckpt/$arm" "data.path=$dir/data/long"
+      [ -n "${lambdas[$arm]:-}" ] && extra=(l2a.regularizer.lambda_max=${lambdas[$arm]})
+      argv=("${bin}l2a-train" "experiment=replicate_$arm" "model.path=$(ckpt_of "$arm")" "data.path=$dir/data/long"
             "run_root=$dir/runs" "${arm_train[@]}" "${extra[@]}") ;;
-    density) argv=("$py" -c "$DENSITY" "$(run_of l2a)/metrics.jsonl" "$layers" "$dir/density.json") ;;
-    prune) argv=("${bin}l2a-prune" "model.path=$(hf_of l2a)" "calibration.path=$dir/data/heldout" calibration.max_rows=$calibration_rows
+    density) argv=("$py" -c "$DENSITY" "$layers" "$dir/density.json" $(for a in "${L2AS[@]}"; do run_of "$a"; done)) ;;
+    prune) argv=("${bin}l2a-prune" "model.path=$(hf_of "$(density_value arm)")" "calibration.path=$dir/data/heldout" calibration.max_rows=$calibration_rows
                  k=$prune_k eval_change=false kv_length=$L "output=$(hf_of l2a_pruned)" overwrite=true) ;;
     eval-*) argv=("${bin}l2a-eval" -m "+arm=$(comma $(missing "$name"))" "model.path=$dir/runs/replicate_\${arm}/hf"
                   "data.path=$dir/data/heldout" "${suite[@]}" "output=$dir/eval/\${arm}" overwrite=true
@@ -191,11 +205,12 @@ stage_done() {
   case "$name" in
     prep-*) [ -f "$dir/data/$arm/manifest.json" ] ;;
     train-*) [ -f "$(run_of "$arm")/hf/model.safetensors" ] &&
-               { [ "$arm" = base ] || [ "$(run_of "$arm")/summary.json" -nt "$dir/ckpt/$arm/config.json" ]; } &&
+               { [ "$arm" = base ] || [ "$(run_of "$arm")/summary.json" -nt "$(ckpt_of "$arm")/config.json" ]; } &&
                $py -c "import json,sys; sys.exit(json.load(open(sys.argv[1])).get('status') != 'done')" "$(run_of "$arm")/summary.json" 2>/dev/null ;;
     convert-*|eval-*) [ -z "$(missing "$name")" ] ;;
-    density) [ -f "$dir/density.json" ] && [ "$dir/density.json" -nt "$(run_of l2a)/summary.json" ] ;;
-    prune) [ -f "$(hf_of l2a_pruned)/prune_report.json" ] && [ "$(hf_of l2a_pruned)/prune_report.json" -nt "$(hf_of l2a)/config.json" ] ;;
+    density) [ -f "$dir/density.json" ] && [ "$dir/density.json" -nt "$(run_of l2a)/summary.json" ] &&
+               [ "$dir/density.json" -nt "$(run_of l2a_strong)/summary.json" ] ;;
+    prune) [ -f "$(hf_of l2a_pruned)/prune_report.json" ] && [ "$(hf_of l2a_pruned)/prune_report.json" -nt "$dir/density.json" ] ;;
     *) return 1 ;;
   esac
 }
@@ -214,7 +229,7 @@ for d in sys.argv[1:]:
     print(f\"{os.path.basename(d)}: {c['model_type']}, layers {''.join(x[0] for x in t)}, window {c.get('l2a_window', '-')}, \"
           f\"rope theta {c['rope_parameters']['rope_theta']:g}, {c['max_position_embeddings']} positions, \"
           f\"{os.path.getsize(d + '/model.safetensors') / 2**20:.1f} MiB;\")" "${dirs[@]}" ;;
-    density) $py -c "import json,sys; d=json.load(open(sys.argv[1])); print(f\"L2A density {d['density']:.4f} (last {d['steps_averaged']} steps) -> random_rate {d['random_rate']}, static_every {d['static_every']} ({d['static_global_layers']}/{d['layers']} layers global)\")" "$dir/density.json" ;;
+    density) $py -c "import json,sys; d=json.load(open(sys.argv[1])); print(', '.join(f\"{a} density {v['density']:.4f}\" for a, v in d['arms'].items()) + f\"; chosen {d['arm']} (last {d['steps_averaged']} steps) -> random_rate {d['random_rate']}, static_every {d['static_every']} ({d['static_global_layers']}/{d['layers']} layers global)\")" "$dir/density.json" ;;
     prune) $py -c "import json,sys; r=json.load(open(sys.argv[1])); kv=r['kv_cache']; print(f\"pruned layers {r['pruned_layers']}; KV cache at {kv['length']} tokens {100*kv['before_vs_full']:.1f}% -> {100*kv['after_vs_full']:.1f}% of full attention\")" "$(hf_of l2a_pruned)/prune_report.json" ;;
     eval-*) for a in $(eval_arms "$name"); do
       $py -c "import json,sys; r=json.load(open(sys.argv[1])); ret=r['retrieval']; t=list(ret['tasks'].values()); b=r['perplexity']['buckets'][-1]; print(sys.argv[2] + ': retrieval ' + '/'.join(f\"{sum(x['by_length'][str(L)] for x in t)/len(t):.2f}\" for L in ret['lengths']) + f\" at {'/'.join(str(L) for L in ret['lengths'])}, ppl {b['bucket']} {b['ppl']:.2f};\")" "$dir/eval/$a/eval.json" "$a"
@@ -283,14 +298,15 @@ add prep-heldout prep-base
 add train-base prep-base
 add convert-main train-base
 add train-l2a convert-main prep-long
+add train-l2a_strong convert-main prep-long
 add train-full convert-main prep-long
-add density train-l2a
+add density train-l2a train-l2a_strong
 add convert-matched density
 add train-swa convert-main prep-long
 add train-random convert-matched prep-long
 add train-static convert-matched prep-long
-add prune train-l2a prep-heldout
-add eval-main train-l2a train-full train-swa prune prep-heldout
+add prune density prep-heldout
+add eval-main train-l2a train-l2a_strong train-full train-swa prune prep-heldout
 add eval-matched train-random train-static prep-heldout
 
 interrupt() {  # forward a signal to the running commands (l2a-train checkpoints on SIGTERM)

@@ -6,8 +6,9 @@ Reads only what the recipe's commands wrote under <dir>:
   runs/replicate_<arm>/summary.json    l2a-train: final skip rate, tokens/s, final LM loss
   eval/<arm>/eval.json                 l2a-eval: retrieval accuracy per length, perplexity by position
   runs/replicate_l2a_pruned/hf/prune_report.json   l2a-prune: pruned layers, KV-cache bytes
-  density.json                         the L2A arm's measured density (random / static arms)
-One row per arm (full, l2a, swa, random, static) and one for the pruned L2A model. A missing
+  density.json                         the L2A arms' measured densities and the chosen one
+                                       (the one pruned; the random / static arms' budget)
+One row per arm (full, l2a, l2a_strong, swa, random, static) and one for the pruned L2A model. A missing
 file leaves its cells at "-" (the table is written whatever stage the run reached).
 No third-party imports: it runs with any Python 3.
 """
@@ -18,10 +19,11 @@ import json
 import sys
 from pathlib import Path
 
-ARMS = ("full", "l2a", "swa", "random", "static")
+ARMS = ("full", "l2a", "l2a_strong", "swa", "random", "static")
 LABELS = {
     "full": "full attention",
     "l2a": "L2A (learned router)",
+    "l2a_strong": "L2A, 40x regularizer",
     "swa": "SWA only",
     "random": "random routing",
     "static": "static hybrid",
@@ -137,8 +139,10 @@ def markdown(root: Path, table: list[dict]) -> str:
         "KV cache: bf16, batch 1, against full attention.",
     ]
     if density:
-        notes += ["", f"L2A arm's measured density (mean routed fraction of its last {density['steps_averaged']} "
-                      f"steps): {density['density']:.4f} -> random arm l2a.random_rate={density['random_rate']}, "
+        measured = ", ".join(f"{LABELS[a]} {v['density']:.4f}" for a, v in density["arms"].items())
+        notes += ["", f"L2A arms' measured density (mean routed fraction of the last 10% of their steps): {measured}; "
+                      f"chosen (nearest 0.2 routed; pruned, and the budget of the matched arms): {LABELS[density['arm']]} "
+                      f"-> random arm l2a.random_rate={density['random_rate']}, "
                       f"static arm l2a.static_every={density['static_every']} ({density['static_global_layers']} of "
                       f"{density['layers']} layers global)."]
     pruned = next((r for r in table if r["arm"] == "l2a_pruned"), None)

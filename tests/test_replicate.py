@@ -14,16 +14,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from stage_table import stage_rows
 
 pytestmark = pytest.mark.e2e  # runs the commands as a user does; `pytest -m "not e2e"` runs the unit tests
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-ARMS = ["full", "l2a", "swa", "random", "static"]
-LABELS = ["full attention", "L2A (learned router)", "SWA only", "random routing", "static hybrid", "L2A, pruned"]
+ARMS = ["full", "l2a", "l2a_strong", "swa", "random", "static"]
+LABELS = ["full attention", "L2A (learned router)", "L2A, 40x regularizer", "SWA only", "random routing", "static hybrid", "L2A, pruned"]
 STAGES = ["prep-base", "prep-long", "prep-heldout", "train-base", "convert-main", "train-l2a",
-          "train-full", "density", "convert-matched", "train-swa", "train-random", "train-static", "prune",
+          "train-l2a_strong", "train-full", "density", "convert-matched", "train-swa", "train-random", "train-static", "prune",
           "eval-main", "eval-matched", "report"]
 
 
@@ -52,8 +53,13 @@ def test_every_stage_ok_and_wrote_its_outputs(run):
     assert set(base["l2a_layer_types"]) == {"global"} and base["max_position_embeddings"] == 256  # full attention
     density = json.loads((work / "density.json").read_text())
     expected = {"full": {"global"}, "l2a": {"l2a"}, "swa": {"swa"}, "random": {"l2a"}}
+    assert set(density["arms"]) == {"l2a", "l2a_strong"} and density["arm"] in density["arms"]
+    assert density["density"] == density["arms"][density["arm"]]["density"]
+    lambdas = {arm: yaml.safe_load((work / "runs" / f"replicate_{arm}" / "config.yaml").read_text())["l2a"]["regularizer"]["lambda_max"]
+               for arm in ("l2a", "l2a_strong")}
+    assert lambdas == {"l2a": 1e-3, "l2a_strong": 4e-2}  # the two L2A arms differ in their regularizer weight only
     for arm in ARMS:
-        config = json.loads((work / "ckpt" / arm / "config.json").read_text())
+        config = json.loads((work / "ckpt" / ("l2a" if arm == "l2a_strong" else arm) / "config.json").read_text())
         assert config["max_position_embeddings"] == 1024 and config["rope_parameters"]["rope_theta"] == 2.0e5
         if arm in expected:
             assert set(config["l2a_layer_types"]) == expected[arm], (arm, config["l2a_layer_types"])
@@ -93,7 +99,7 @@ def test_summary_table_has_a_row_per_arm(run):
         assert (trained == "-") == (label == "L2A, pruned"), (label, cells)
     results = json.loads((work / "results.json").read_text())
     assert [r["arm"] for r in results] == [*ARMS, "l2a_pruned"]
-    assert results[2]["skip_rate_train"] == 1.0 and results[0]["skip_rate_train"] == 0.0
+    assert results[3]["skip_rate_train"] == 1.0 and results[0]["skip_rate_train"] == 0.0
 
 
 def test_second_run_skips_finished_stages(run):
