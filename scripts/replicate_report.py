@@ -23,7 +23,7 @@ ARMS = ("full", "l2a", "l2a_strong", "swa", "random", "static")
 LABELS = {
     "full": "full attention",
     "l2a": "L2A (learned router)",
-    "l2a_strong": "L2A, 40x regularizer",
+    "l2a_strong": "L2A, stronger regularizer",
     "swa": "SWA only",
     "random": "random routing",
     "static": "static hybrid",
@@ -80,6 +80,16 @@ def global_share(ev: dict | None, density: dict | None) -> float | None:
                 return None
             total += float(routed)
     return total / len(types)
+
+
+def final_lambda(root: Path, arm: str) -> float | None:
+    """The regularizer weight of an arm's last logged step (lambda_max for the linear ramp)."""
+    try:
+        lines = (root / "runs" / f"replicate_{arm}" / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    last = [json.loads(l) for l in lines if l.strip().startswith("{")]
+    return last[-1].get("lambda") if last else None
 
 
 def rows(root: Path) -> list[dict]:
@@ -139,9 +149,11 @@ def markdown(root: Path, table: list[dict]) -> str:
         "KV cache: bf16, batch 1, against full attention.",
     ]
     if density:
-        measured = ", ".join(f"{LABELS[a]} {v['density']:.4f}" for a, v in density["arms"].items())
-        notes += ["", f"L2A arms' measured density (mean routed fraction of the last 10% of their steps): {measured}; "
-                      f"chosen (nearest 0.2 routed; pruned, and the budget of the matched arms): {LABELS[density['arm']]} "
+        measured = "; ".join(f"{LABELS[a]}: lambda_max {fmt(final_lambda(root, a), 'g')}, density {v['density']:.4f}, "
+                             f"LM loss {fmt(v.get('lm_loss'), '.4f')} ({fmt(100 * v['lm_loss_vs_full'] if 'lm_loss_vs_full' in v else None, '+.1f')}% vs full)"
+                             for a, v in density["arms"].items())
+        notes += ["", f"L2A arms (means of the last 10% of their training steps): {measured}. Chosen ({density.get('rule', '-')}; "
+                      f"pruned, and the budget of the matched arms): {LABELS[density['arm']]} "
                       f"-> random arm l2a.random_rate={density['random_rate']}, "
                       f"static arm l2a.static_every={density['static_every']} ({density['static_global_layers']} of "
                       f"{density['layers']} layers global)."]

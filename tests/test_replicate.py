@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e  # runs the commands as a user does; `pytest -m "no
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ARMS = ["full", "l2a", "l2a_strong", "swa", "random", "static"]
-LABELS = ["full attention", "L2A (learned router)", "L2A, 40x regularizer", "SWA only", "random routing", "static hybrid", "L2A, pruned"]
+LABELS = ["full attention", "L2A (learned router)", "L2A, stronger regularizer", "SWA only", "random routing", "static hybrid", "L2A, pruned"]
 STAGES = ["prep-base", "prep-long", "prep-heldout", "train-base", "convert-main", "train-l2a",
           "train-l2a_strong", "train-full", "density", "convert-matched", "train-swa", "train-random", "train-static", "prune",
           "eval-main", "eval-matched", "report"]
@@ -55,6 +55,8 @@ def test_every_stage_ok_and_wrote_its_outputs(run):
     expected = {"full": {"global"}, "l2a": {"l2a"}, "swa": {"swa"}, "random": {"l2a"}}
     assert set(density["arms"]) == {"l2a", "l2a_strong"} and density["arm"] in density["arms"]
     assert density["density"] == density["arms"][density["arm"]]["density"]
+    assert density["rule"].startswith("within 3% of full's LM loss")  # the tiny arms' losses are close
+    assert all(abs(v["lm_loss"] / density["full_lm_loss"] - 1 - v["lm_loss_vs_full"]) < 1e-9 for v in density["arms"].values())
     lambdas = {arm: yaml.safe_load((work / "runs" / f"replicate_{arm}" / "config.yaml").read_text())["l2a"]["regularizer"]["lambda_max"]
                for arm in ("l2a", "l2a_strong")}
     assert lambdas == {"l2a": 1e-3, "l2a_strong": 4e-2}  # the two L2A arms differ in their regularizer weight only
