@@ -188,6 +188,19 @@ def test_retrieval_prompts_and_scoring_with_a_perfect_reader(ws):
     assert retrieval.score("the numbers are 123 and 456.", ["123", "456", "789"]) == pytest.approx(2 / 3)
 
 
+def test_decoding_stops_once_every_answer_is_in_the_continuation(ws):
+    tok = AutoTokenizer.from_pretrained(ws["tokenizer"])
+    prompt = tok("The values are:", add_special_tokens=False)["input_ids"]
+    stop = retrieval.AnswersFound(tok, len(prompt), ["123", "Blue"])
+    steps = [tok(t, add_special_tokens=False)["input_ids"] for t in (" 12", "3 and", " blue", " tail")]
+    seen, flags = list(prompt), []
+    for piece in steps:
+        seen += piece
+        flags.append(bool(stop(torch.tensor([seen]), None)[0]))
+    assert flags == [False, False, True, True]  # case-insensitive, like the score; never before both are there
+    assert not stop(torch.tensor([prompt + tok(" 123 blu", add_special_tokens=False)["input_ids"]]), None)[0]
+
+
 def test_needles_sit_at_the_requested_depth_and_regions_mark_them(ws):
     tok = AutoTokenizer.from_pretrained(ws["tokenizer"])
     spec = dict(num_keys=3, num_values=2, num_queries=2, key_type="words", value_type="numbers", haystack="words")

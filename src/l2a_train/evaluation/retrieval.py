@@ -12,7 +12,10 @@ introduction, 1: right before the question); distractor needles stay where they 
 Score of a sample (RULER's string_match_all): the fraction of expected values that appear in
 the generated text. A context length counts the prompt and `max_new_tokens`, as in RULER.
 Every prompt is one document, generated alone (no padding), with the
-model's KV cache.
+model's KV cache. Decoding stops early once every expected value is in the continuation
+(`AnswersFound`): the score of a longer greedy continuation could only be the same (it extends
+the shorter one, and a value found stays found), so the early stop changes no score and saves
+the decode steps of every correct answer.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from l2a_common import UserError
 
@@ -237,6 +241,18 @@ def score(prediction: str, answers: list[str]) -> float:
     return sum(a.lower() in text for a in answers) / len(answers)
 
 
+class AnswersFound(StoppingCriteria):
+    """Stops greedy decoding of one prompt (batch 1) once `score` of the continuation is 1."""
+
+    def __init__(self, tokenizer, prompt_len: int, answers: list[str]):
+        self.tokenizer, self.prompt_len, self.answers = tokenizer, prompt_len, answers
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        text = self.tokenizer.decode(input_ids[0, self.prompt_len :].tolist(), skip_special_tokens=True)
+        done = score(text, self.answers) == 1.0
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
 def check_lengths(cfg, max_positions: int, setting: str = "eval.retrieval") -> None:
     lengths = [int(x) for x in cfg.lengths]
     depths = [float(d) for d in cfg.depths]
@@ -282,6 +298,7 @@ def run(model, tokenizer, cfg, device, max_positions: int, probe=None, log=None)
                     out = model.generate(
                         input_ids, max_new_tokens=max_new, do_sample=False, use_cache=True,
                         pad_token_id=pad, attention_mask=torch.ones_like(input_ids),
+                        stopping_criteria=StoppingCriteriaList([AnswersFound(tokenizer, len(ids), prompt.answers)]),
                     )
                     if probe is not None:
                         probe.finish(length, len(ids), regions)
