@@ -34,11 +34,10 @@ import sys
 import time
 
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 import l2a_train  # noqa: F401  (registers the L2A Auto classes)
-from l2a_train.model import convert_model, kv_cache_bytes, prune_layers
+from l2a_train.model import convert_model, kv_cache_bytes, l2a_group, prune_layers
 from l2a_train.model.cache import L2ACache, cache_field_name
 
 from bench_common import SHAPES, parse, parser, sync
@@ -116,7 +115,7 @@ def build_base(args, device, dtype):
 
 
 def l2a_from(base, args, device, mode: str):
-    cfg = OmegaConf.create(dict(mode=mode, window=args.window, random_rate=args.density, backend=args.backend))
+    cfg = l2a_group(mode, [f"window={args.window}", f"random_rate={args.density}", f"backend={args.backend}"])
     with torch.device(device):
         model = convert_model(base, cfg)
     return model.to(device).eval()

@@ -45,7 +45,7 @@ from omegaconf import OmegaConf
 
 import l2a_train  # noqa: F401  (registers the L2A Auto classes)
 from l2a_train.training.loss import linear_cross_entropy
-from l2a_train.model import apply_trainable, convert_model
+from l2a_train.model import apply_trainable, convert_model, l2a_group
 from l2a_train.model.checkpointing import enable_checkpointing
 from l2a_train.model.convert import build_base
 from l2a_train.model.layer import dense_path_drawn
@@ -175,8 +175,8 @@ def build(variant, args, device):
         if variant.startswith("full-hf"):
             return base
         mode = "full" if variant.startswith("full") else "random"
-        l2a = OmegaConf.create(dict(mode=mode, window=args.window, random_rate=args.density,
-                                    p_dense=args.p_dense, backend="auto"))
+        l2a = l2a_group(mode, [f"window={args.window}", f"random_rate={args.density}", f"p_dense={args.p_dense}",
+                               "backend=auto"])
         model = convert_model(base, l2a)
     del base
     apply_trainable(model, args.trainable)

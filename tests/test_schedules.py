@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from l2a_train.training.schedules import lambda_at, lr_at
+from l2a_common import UserError
+from l2a_train.training.schedules import check_schedules, lambda_at, lr_at
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
@@ -40,8 +41,9 @@ def test_pure_functions_of_step():
     assert lr_at(50, **kw) == pytest.approx(0.0)  # past the end stays at the floor
 
 
-def test_unknown_schedule():
-    with pytest.raises(ValueError, match="unknown lr schedule"):
-        lr_at(0, base_lr=1, warmup_steps=0, total_steps=2, schedule="step")
-    with pytest.raises(ValueError, match="unknown regularizer schedule"):
-        lambda_at(0, lambda_max=1, warmup_steps=0, total_steps=2, schedule="step")
+def test_unknown_schedule_is_one_line_naming_the_setting():
+    check_schedules("cosine", "linear")
+    with pytest.raises(UserError, match=r"trainer.lr_schedule='step': choose one of cosine, linear, constant"):
+        check_schedules("step", "linear")
+    with pytest.raises(UserError, match=r"l2a.regularizer.schedule='step': choose one of constant, linear, cosine"):
+        check_schedules("cosine", "step")

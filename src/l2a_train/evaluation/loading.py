@@ -58,7 +58,7 @@ def checkpoint_dtype(path: Path, requested) -> str:
 
 def load_model(model_cfg, backend: str | None = None, device: torch.device | None = None):
     """(model in eval mode on `device`, a description of the checkpoint)."""
-    from l2a_train.model import build_model
+    from l2a_train.model import build_model, l2a_group
 
     kind = supported_type(model_cfg.get("path"))
     path = Path(model_cfg.path)
@@ -68,14 +68,15 @@ def load_model(model_cfg, backend: str | None = None, device: torch.device | Non
         rope_theta=model_cfg.get("rope_theta"),
         max_position_embeddings=model_cfg.get("max_position_embeddings"),
     )
-    l2a = {"backend": backend} if backend else {}
-    if kind in ("qwen2", "qwen3"):
+    backend_override = [f"backend={backend}"] if backend else []
+    if kind in ("qwen2", "qwen3"):  # converted on the fly with the l2a=full group
         node["family"] = kind
-        l2a["mode"] = "full"
+        l2a = l2a_group("full", backend_override)
         source = f"base {kind} checkpoint, run as full attention"
-    else:
+    else:  # the checkpoint's own L2A settings, but for the backend asked for
+        l2a = OmegaConf.create({"backend": backend} if backend else {})
         source = "L2A checkpoint"
-    model = build_model(OmegaConf.create(node), OmegaConf.create(l2a), device=device)
+    model = build_model(OmegaConf.create(node), l2a, device=device)
     model.eval()
     return model, source
 

@@ -4,7 +4,7 @@ classes on import, so `AutoModelForCausalLM.from_pretrained(dir)` loads an L2A c
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .config import L2AQwen2Config, L2AQwen3Config
-from .convert import apply_trainable, build_base, build_model, convert_model, select_layers
+from .convert import apply_trainable, build_base, build_model, convert_model, l2a_group, select_layers
 from .documents import DocumentLayout
 from .pruning import kv_cache_bytes, prune_layers
 from .modeling import (
@@ -36,6 +36,7 @@ __all__ = [
     "build_base",
     "build_model",
     "convert_model",
+    "l2a_group",
     "kv_cache_bytes",
     "prune_layers",
     "select_layers",

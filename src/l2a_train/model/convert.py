@@ -17,7 +17,7 @@ from transformers.initialization import no_init_weights
 
 from l2a_common import UserError
 
-from .config import CONFIG_BY_FAMILY, FAMILY_BY_MODEL_TYPE, L2A_DEFAULTS
+from .config import CONFIG_BY_FAMILY, FAMILY_BY_MODEL_TYPE
 from .modeling import MODEL_BY_FAMILY
 
 BASE_CONFIGS = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}
@@ -51,15 +51,24 @@ def select_layers(spec, num_layers: int, setting: str = "l2a.layers") -> list[in
     return layers
 
 
+def l2a_group(name: str = "l2a", overrides: list[str] | tuple = ()):
+    """The `l2a` config group `configs/l2a/<name>.yaml` as the commands compose it (its defaults
+    live there alone), with `key=value` overrides of its settings: for code that builds a model
+    without a command line (evaluating a base checkpoint as full attention, the benchmarks)."""
+    from l2a_common.app import compose
+
+    return compose("convert", [f"l2a={name}", *(f"l2a.{o}" for o in overrides)]).l2a
+
+
 def layer_types_for(l2a_cfg, num_layers: int) -> list[str]:
-    mode = l2a_cfg.get("mode", "l2a")
+    mode = l2a_cfg["mode"]
     if mode not in MODES:
         raise UserError(f"l2a.mode='{mode}' is not one of {MODES}")
-    chosen = set(select_layers(l2a_cfg.get("layers", "all"), num_layers))
+    chosen = set(select_layers(l2a_cfg["layers"], num_layers))
     if mode == "full":
         return ["global"] * num_layers
     if mode == "static":
-        every = int(l2a_cfg.get("static_every", 4))
+        every = int(l2a_cfg["static_every"])
         globals_ = set(select_layers(f"every:{every}", num_layers, "l2a.static_every"))
         return ["global" if i in globals_ else "swa" for i in range(num_layers)]
     if not chosen:  # every layer would stay global: a full-attention copy that claims to be L2A
@@ -80,41 +89,19 @@ def _plain_spec(spec):
 
 
 def l2a_fields(l2a_cfg, num_layers: int) -> dict:
-    """The config.json fields of an L2A model, from a `configs/l2a/*.yaml` group."""
-    fields = dict(
+    """The config.json fields of an L2A model, from a composed `l2a` group (configs/l2a/*.yaml;
+    `l2a_group` composes one). Checked by the config class (`validate_l2a`)."""
+    return dict(
         l2a_layer_types=layer_types_for(l2a_cfg, num_layers),
-        l2a_window=int(l2a_cfg.get("window", L2A_DEFAULTS["l2a_window"])),
-        l2a_temperature=float(l2a_cfg.get("temperature", L2A_DEFAULTS["l2a_temperature"])),
-        l2a_threshold=float(l2a_cfg.get("threshold", L2A_DEFAULTS["l2a_threshold"])),
-        l2a_p_dense=float(l2a_cfg.get("p_dense", L2A_DEFAULTS["l2a_p_dense"])),
-        l2a_routing="random" if l2a_cfg.get("mode") == "random" else "learned",
-        l2a_random_rate=float(l2a_cfg.get("random_rate", L2A_DEFAULTS["l2a_random_rate"])),
-        l2a_backend=str(l2a_cfg.get("backend", L2A_DEFAULTS["l2a_backend"])),
-        l2a_fused_ops=str(l2a_cfg.get("fused_ops", L2A_DEFAULTS["l2a_fused_ops"])),
+        l2a_window=int(l2a_cfg["window"]),
+        l2a_temperature=float(l2a_cfg["temperature"]),
+        l2a_threshold=float(l2a_cfg["threshold"]),
+        l2a_p_dense=float(l2a_cfg["p_dense"]),
+        l2a_routing="random" if l2a_cfg["mode"] == "random" else "learned",
+        l2a_random_rate=float(l2a_cfg["random_rate"]),
+        l2a_backend=str(l2a_cfg["backend"]),
+        l2a_fused_ops=str(l2a_cfg["fused_ops"]),
     )
-    return fields
-
-
-def _check_l2a_settings(fields: dict) -> None:
-    """The same checks as the config class, reported with the Hydra setting's name."""
-    if fields["l2a_window"] < 1:
-        raise UserError(f"l2a.window={fields['l2a_window']}: the sliding window must be at least 1 token")
-    if not 0.0 < fields["l2a_threshold"] < 1.0:
-        raise UserError(f"l2a.threshold={fields['l2a_threshold']}: must be strictly between 0 and 1")
-    if fields["l2a_temperature"] <= 0:
-        raise UserError(f"l2a.temperature={fields['l2a_temperature']}: must be > 0")
-    if not 0.0 <= fields["l2a_p_dense"] <= 1.0:
-        raise UserError(f"l2a.p_dense={fields['l2a_p_dense']}: must be in [0, 1]")
-    if not 0.0 <= fields["l2a_random_rate"] <= 1.0:
-        raise UserError(f"l2a.random_rate={fields['l2a_random_rate']}: must be in [0, 1]")
-    from .attention import BACKENDS
-
-    if fields["l2a_backend"] not in BACKENDS:
-        raise UserError(f"l2a.backend='{fields['l2a_backend']}' is not one of {BACKENDS}")
-    from .fused_ops import FUSED_OPS
-
-    if fields["l2a_fused_ops"] not in FUSED_OPS:
-        raise UserError(f"l2a.fused_ops='{fields['l2a_fused_ops']}' is not one of {FUSED_OPS}")
 
 
 def _check_window(config) -> None:
@@ -276,7 +263,7 @@ def build_base(model_cfg, device=None):
     family = model_cfg.get("family")
     if family not in BASE_CONFIGS:
         raise UserError(f"model.family='{family}' is not supported; use qwen2 (Qwen2.5) or qwen3")
-    dtype = _dtype(model_cfg.get("dtype", "float32"))
+    dtype = _dtype(model_cfg["dtype"])
     if model_cfg.get("path"):
         path = Path(model_cfg.path)
         if not path.is_dir():
@@ -293,7 +280,7 @@ def build_base(model_cfg, device=None):
         raise UserError("model.path is null and model.config is empty: give a checkpoint or an architecture")
     # null entries mean "the family's default" (tiny_qwen2 drops Qwen3's head_dim this way)
     config = BASE_CONFIGS[family](**{k: v for k, v in _plain(model_cfg.config).items() if v is not None})
-    torch.manual_seed(int(model_cfg.get("seed", 0)))
+    torch.manual_seed(int(model_cfg["seed"]))
     with torch.device(device or "cpu"):  # initialising on the GPU takes seconds where the CPU takes minutes
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
@@ -310,11 +297,10 @@ def convert_model(base, l2a_cfg, model_cfg=None):
     model_type = base.config.model_type
     if model_type not in ("qwen2", "qwen3"):
         raise UserError(f"cannot convert a '{model_type}' model; only Qwen2/Qwen2.5 and Qwen3 are supported")
-    init = l2a_cfg.get("init", "paper")
+    init = l2a_cfg["init"]
     if init not in INITS:
         raise UserError(f"l2a.init='{init}' is not one of {INITS}")
     fields = l2a_fields(l2a_cfg, base.config.num_hidden_layers)
-    _check_l2a_settings(fields)
     base_dict = base.config.to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
         base_dict.pop(key, None)
@@ -367,12 +353,9 @@ def build_model(model_cfg, l2a_cfg, device=None):
             for key in RUNTIME_FIELDS:
                 if l2a_cfg.get(key) is not None:
                     setattr(config, f"l2a_{key}", l2a_cfg[key])
-            try:
-                config.validate_l2a()
-            except ValueError as err:
-                raise UserError(str(err)) from None
+            config.validate_l2a()
 
-        return load_checkpoint(path, _dtype(model_cfg.get("dtype", "float32")), configure, device=device)
+        return load_checkpoint(path, _dtype(model_cfg["dtype"]), configure, device=device)
     return convert_model(build_base(model_cfg, device), l2a_cfg, model_cfg)
 
 

@@ -19,9 +19,17 @@ from __future__ import annotations
 
 import torch
 
+from l2a_common import UserError
+
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk (128 MiB in float32)
 BACKENDS = ("auto", "liger", "chunked")  # auto: liger on CUDA, chunked elsewhere (trainer.loss_backend)
+
+
+def check_backend(backend: str) -> None:
+    """The one check of the loss backend's name, as the setting that chooses it."""
+    if backend not in BACKENDS:
+        raise UserError(f"trainer.loss_backend='{backend}': choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
 
 
 def next_token_labels(input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -124,12 +132,11 @@ def linear_cross_entropy(
     labels = labels.reshape(-1)
     if backend == "auto":
         backend = "liger" if hidden.is_cuda else "chunked"
+    check_backend(backend)
     if backend == "liger":
         total = _liger_loss(ignore_index)(weight, hidden.contiguous(), labels).float()
-    elif backend == "chunked":
-        total = chunked_linear_cross_entropy(hidden, weight, labels, ignore_index)
     else:
-        raise ValueError(f"unknown backend {backend!r}: {' | '.join(BACKENDS)}")
+        total = chunked_linear_cross_entropy(hidden, weight, labels, ignore_index)
     if reduction == "sum":
         return total
     count = (labels != ignore_index).sum().clamp(min=1)

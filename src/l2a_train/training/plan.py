@@ -22,8 +22,8 @@ from l2a_data_prep.tokenizer import has_tokenizer
 from ..checkpoint_config import read_config
 
 from . import memory as memory_lib
-from .loss import BACKENDS as LOSS_BACKENDS
-from .schedules import LAMBDA_SCHEDULES, LR_SCHEDULES
+from .loss import check_backend
+from .schedules import check_schedules
 
 log = logging.getLogger("l2a_train")
 
@@ -136,11 +136,8 @@ def check_config(cfg, world_size: int) -> TrainPlan:
         grad_accum = int(t.grad_accum)
     if grad_accum < 1:
         raise UserError(f"trainer.grad_accum={grad_accum}: need at least 1 micro-step per optimizer step")
-    if t.lr_schedule not in LR_SCHEDULES:
-        raise UserError(f"trainer.lr_schedule='{t.lr_schedule}': choose one of {', '.join(LR_SCHEDULES)}")
     reg = cfg.l2a.regularizer
-    if reg.schedule not in LAMBDA_SCHEDULES:
-        raise UserError(f"l2a.regularizer.schedule='{reg.schedule}': choose one of {', '.join(LAMBDA_SCHEDULES)}")
+    check_schedules(t.lr_schedule, reg.schedule)
     if float(reg.lambda_max) < 0:
         raise UserError(f"l2a.regularizer.lambda_max={reg.lambda_max} must be >= 0")
     if t.precision not in ("bf16", "fp32"):
@@ -150,9 +147,7 @@ def check_config(cfg, world_size: int) -> TrainPlan:
         raise UserError(f"deepspeed.zero_optimization.stage={stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
     if int(t.keep_last) < 1 or int(t.save_every) < 0 or int(t.max_bad_steps) < 0:
         raise UserError("trainer.keep_last must be >= 1, trainer.save_every and trainer.max_bad_steps >= 0")
-    if t.loss_backend not in LOSS_BACKENDS:
-        raise UserError(f"trainer.loss_backend='{t.loss_backend}': choose {', '.join(LOSS_BACKENDS[:-1])} or "
-                        f"{LOSS_BACKENDS[-1]}")
+    check_backend(t.loss_backend)
     if t.resume not in ("auto", "never") and not Path(str(t.resume)).exists():
         raise UserError(f"trainer.resume={t.resume}: no such checkpoint; use auto, never or a checkpoint path")
     if t.get("init_from") and not Path(str(t.init_from)).exists():

@@ -6,21 +6,39 @@ have had, and no scheduler needs to be checkpointed. `step` counts optimizer ste
 
     lr_at(step, base_lr=5e-5, warmup_steps=209, total_steps=3973, schedule="cosine", min_lr_ratio=0.1)
     lambda_at(step, lambda_max=1e-8, warmup_steps=209, total_steps=3973, schedule="linear")
+
+The schedule names are checked once, at start-up, by `check_schedules` (the trainer's plan).
 """
 
 from __future__ import annotations
 
 import math
 
-LR_SCHEDULES = ("cosine", "linear", "constant")
-LAMBDA_SCHEDULES = ("constant", "linear", "cosine")
+from l2a_common import UserError
+
+_LR_DECAY = {  # 1 -> 0 as the decay's progress goes 0 -> 1
+    "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),
+    "linear": lambda p: 1.0 - p,
+}
+_LAMBDA_RAMP = {  # 0 -> 1 as the ramp's progress goes 0 -> 1
+    "linear": lambda p: p,
+    "cosine": lambda p: 0.5 * (1.0 - math.cos(math.pi * p)),
+}
+LR_SCHEDULES = (*_LR_DECAY, "constant")
+LAMBDA_SCHEDULES = ("constant", *_LAMBDA_RAMP)
 
 
-def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, schedule: str = "cosine",
-          min_lr_ratio: float = 0.0) -> float:
+def check_schedules(lr_schedule: str, lambda_schedule: str) -> None:
+    """The one check of the schedule names, as the settings that choose them."""
+    if lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"trainer.lr_schedule='{lr_schedule}': choose one of {', '.join(LR_SCHEDULES)}")
+    if lambda_schedule not in LAMBDA_SCHEDULES:
+        raise UserError(f"l2a.regularizer.schedule='{lambda_schedule}': choose one of {', '.join(LAMBDA_SCHEDULES)}")
+
+
+def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, schedule: str,
+          min_lr_ratio: float) -> float:
     """Linear warmup to base_lr over `warmup_steps`, then decay to base_lr * min_lr_ratio at the last step."""
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr schedule {schedule!r}: one of {', '.join(LR_SCHEDULES)}")
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "constant":
@@ -28,21 +46,14 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, sch
     decay_steps = max(1, total_steps - warmup_steps - 1)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     min_lr = base_lr * min_lr_ratio
-    if schedule == "linear":
-        return base_lr + (min_lr - base_lr) * progress
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr + (base_lr - min_lr) * _LR_DECAY[schedule](progress)
 
 
-def lambda_at(step: int, *, lambda_max: float, warmup_steps: int, total_steps: int,
-              schedule: str = "linear") -> float:
+def lambda_at(step: int, *, lambda_max: float, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """Regularizer weight: 0 during LR warmup, then constant / linear / cosine ramp to lambda_max at the last step."""
-    if schedule not in LAMBDA_SCHEDULES:
-        raise ValueError(f"unknown regularizer schedule {schedule!r}: one of {', '.join(LAMBDA_SCHEDULES)}")
     if step < warmup_steps:
         return 0.0
     if schedule == "constant":
         return lambda_max
     progress = min(1.0, (step - warmup_steps + 1) / max(1, total_steps - warmup_steps))
-    if schedule == "linear":
-        return lambda_max * progress
-    return lambda_max * 0.5 * (1.0 - math.cos(math.pi * progress))
+    return lambda_max * _LAMBDA_RAMP[schedule](progress)
