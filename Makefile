@@ -21,7 +21,7 @@ quickstart: install
 
 # pytest exits 5 when it collects nothing: that is a broken suite, not a pass.
 test: install
-	@$(BIN)/python -m pytest -q; status=$$?; \
+	@$(BIN)/python -m pytest -q -n 2 --dist loadfile; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 # The unit tests only (minutes): everything but the tests that run the commands as a user does (marker e2e).
