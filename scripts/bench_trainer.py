@@ -141,7 +141,7 @@ def run_case(c: dict, data: Path, work: Path, warmup: int, timeout: int, log) ->
     args = [f"experiment={c['experiment']}", f"model.family={c['family']}", "model.path=null",
             f"model.config={SHAPES[c['model']]}", f"data.path={data}", f"data.seq_len={c['seq_len']}", *METHODS[c["method"]],
             f"trainer.steps={c['steps']}", "trainer.warmup_steps=1", f"trainer.global_batch_size={c['batch']}",
-            "trainer.micro_batch_size=1", "trainer.save_every=0", "trainer.export_hf=false", "trainer.log_every=1",
+            "trainer.micro_batch_size=1", "trainer.save_every=0", "trainer.save_final=false", "trainer.export_hf=false", "trainer.log_every=1",
             "trainer.resume=never",
             f"run_root={run_root}", f"name={c['name']}", *c["extra"]]
     run_dir = run_root / c["name"]

@@ -132,6 +132,9 @@ def single(work, data):
                                      "trainer.max_bad_steps=1", "trainer.save_every=0"), fault="nan_at:2,4"),
         "nan2": dict(overrides=_base(data, work / "nan2", "trainer.micro_batch_size=2", "trainer.max_bad_steps=1",
                                      "trainer.save_every=0"), fault="nan_at:2,4"),
+        # no checkpoint at all (save_every=0, save_final=false), the HF export still written
+        "no_final": dict(overrides=_base(data, work / "no_final", "trainer.micro_batch_size=2", "trainer.save_every=0",
+                                         "trainer.save_final=false")),
         # the reference under ZeRO-3 with checkpointing that keeps attention outputs
         "kept": dict(overrides=_base(data, work / "kept", "trainer.micro_batch_size=4", "deepspeed=zero3",
                                      "trainer.grad_checkpointing=true", "trainer.keep_attention_outputs=true",
@@ -188,6 +191,14 @@ def resumed(work, data, single, parallel):
     shutil.copytree(work / "accum" / "quickstart", work / "never" / "quickstart")
     results = dict(zip(jobs, _runner(list(jobs.values()), work)))
     return {"after_kill": after_kill, **results}
+
+
+def test_save_final_false_writes_no_checkpoint_but_the_export(work, single):
+    assert single["no_final"] == {"status": "ok"}
+    run_dir = work / "no_final" / "quickstart"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "done"
+    assert not list((run_dir / "checkpoints").glob("step_*"))  # the ref run (save_every=3) has two
+    assert (run_dir / "hf" / "model.safetensors").is_file()
 
 
 def test_quickstart_like_run(work, single):

@@ -17,6 +17,7 @@ from transformers.initialization import no_init_weights
 
 from l2a_common import UserError
 
+from ..checkpoint_config import read_config as read_config_json
 from .config import CONFIG_BY_FAMILY, FAMILY_BY_MODEL_TYPE
 from .modeling import MODEL_BY_FAMILY
 
@@ -130,9 +131,7 @@ def apply_context_overrides(config, model_cfg) -> None:
 
 
 def read_model_type(path: Path) -> str:
-    from ..checkpoint_config import read_config
-
-    return read_config(path).get("model_type", "")
+    return read_config_json(path).get("model_type", "")
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
@@ -196,7 +195,7 @@ def check_weights(path: Path) -> None:
     if not files:
         return  # pytorch_model.bin: from_pretrained reads it (its errors are caught in load_checkpoint)
     layers = weight_layers(files)
-    expected = json.loads((path / "config.json").read_text()).get("num_hidden_layers")
+    expected = read_config_json(path).get("num_hidden_layers")
     if isinstance(expected, int) and len(layers) != expected:
         holder = files[0].name if len(files) == 1 else f"the {len(files)} weight shards"
         raise UserError(
@@ -240,11 +239,10 @@ def load_checkpoint(path: Path, dtype: torch.dtype, configure=None, config=None,
     return model.to(device) if device is not None else model
 
 
-def _plain_config(path: Path):
-    """The Qwen config of an L2A checkpoint whose layers are all global: a model trained with
-    l2a=full (such as a base pretrained from a config) is a plain Qwen model in L2A clothing, with
-    the same weight names, so it converts like one."""
-    config = json.loads((path / "config.json").read_text())
+def _plain_config(path: Path, config: dict):
+    """The Qwen config of an L2A checkpoint whose layers are all global (`config`: its config.json):
+    a model trained with l2a=full (such as a base pretrained from a config) is a plain Qwen model in
+    L2A clothing, with the same weight names, so it converts like one."""
     types = set(config.get("l2a_layer_types") or ["global"])
     if types != {"global"}:
         raise UserError(f"model.path={path} is already an L2A model (layer types {sorted(types)}); convert its base "
@@ -268,9 +266,10 @@ def build_base(model_cfg, device=None):
         path = Path(model_cfg.path)
         if not path.is_dir():
             raise UserError(f"model.path={path} does not exist; give a local Hugging Face checkpoint directory")
-        model_type = read_model_type(path)
+        stored = read_config_json(path)
+        model_type = stored.get("model_type", "")
         if model_type in ("l2a_qwen2", "l2a_qwen3"):
-            return load_checkpoint(path, dtype, config=_plain_config(path), device=device)
+            return load_checkpoint(path, dtype, config=_plain_config(path, stored), device=device)
         if model_type not in ("qwen2", "qwen3"):
             raise UserError(
                 f"model.path={path} holds a '{model_type}' model; only Qwen2/Qwen2.5 and Qwen3 models can be converted"

@@ -12,7 +12,6 @@ it reports no gradient norm and does not skip non-finite updates, so `plain_grad
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 
 import torch
@@ -83,10 +82,8 @@ def build(cfg, plan, env, universal: bool, clock) -> Built:
     optimizer = torch.optim.AdamW(optimizer_groups(module, float(t.weight_decay)), lr=float(t.lr), betas=tuple(t.betas),
                                   eps=float(t.eps), fused=env.device.type == "cuda")
     ds_config = deepspeed_config(cfg, plan.grad_accum, universal)
-    started = time.perf_counter()
-    with clock.timed_calls(module, "to", "moving the model to the device") as moving:  # DeepSpeed moves it
+    with clock.phase("DeepSpeed engine set-up"):  # the model is on its device already (build_model)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
-    clock.record("DeepSpeed engine set-up", time.perf_counter() - started - moving[0])
     plain = plan.zero_stage == 0 and t.precision != "bf16"
     return Built(engine, loader, flops, layer_types, trainable, ds_config, plain)
 

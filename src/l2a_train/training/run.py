@@ -109,7 +109,8 @@ def run(cfg: DictConfig) -> dict:
                 break
         if state.status == "running":
             state.status = "done"
-            state.last_saved = save(state)
+            if cfg.trainer.save_final:
+                state.last_saved = save(state)
             export(cfg, plan, env, run_dir, built, resume)
     finally:
         if state.status == "running":

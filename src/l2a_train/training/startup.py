@@ -60,27 +60,6 @@ class StartupClock:
         finally:
             self.record(name, time.perf_counter() - started)
 
-    @contextlib.contextmanager
-    def timed_calls(self, obj, method: str, name: str):
-        """Time the calls of `obj.method` made inside the block (by a library: DeepSpeed moving
-        the model to the device) as phase `name`, reported when the block ends."""
-        original = getattr(obj, method)
-        spent = [0.0]
-
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                spent[0] += time.perf_counter() - started
-
-        setattr(obj, method, timed)
-        try:
-            yield spent
-        finally:
-            delattr(obj, method)  # back to the class's method
-            self.record(name, spent[0])
-
     def first_step(self, seconds: float) -> None:
         """The first optimizer step's time, then the one-line summary (wall time, so what no phase
         names is counted too); later calls do nothing."""
