@@ -6,6 +6,13 @@ the timed region), sliding_window_attention (W=4096), conditional_attention and 
 attention (SWA + compaction + conditional, separate q/k/v as in the layer) at each routed
 fraction (tokens chosen uniformly at random), with ratios to cuDNN. bf16, one document.
 
+--documents N also times full causal attention over rows packed with documents of N tokens (the
+last one shorter), each token attending to its own document only, three ways: conditional_attention
+at density 1 with the documents' bounds (what the trainer runs for full attention on packed rows),
+FlexAttention with a causal + document mask (compiled, the block mask built once and its build
+timed apart) and SDPA cuDNN called per document. A diagnostic for the fastest document-masked
+full attention, not the trainer's figure.
+
 --tune first times a few launch configs and switches per kernel at one size and prints the
 winning LaunchPlan of each head shape, which the rest of the run passes to the ops (to make it
 the default, copy it into l2a_kernels.plan). --check compares the kernels, under the plans the
@@ -161,6 +168,65 @@ def bench_shape(HQ, H, D, T, fractions, window, budget_ms, baselines=True, flex=
                     + conditional_attention(q2, k2, v2, route, plan=plan))
 
         add("L2A (SWA + conditional)", frac, _time_pair(l2a, swa_in + glob_in, dout, budget_ms))
+    return rows
+
+
+def bench_documents(HQ, H, D, T, doc_tokens, budget_ms, plan=None):
+    """Rows: full causal attention over documents of `doc_tokens` tokens packed into T (see the
+    module docstring, --documents)."""
+    rows = []
+    starts = list(range(0, T, doc_tokens))
+    cu = torch.tensor(starts + [T], dtype=torch.int32, device=DEV)
+    label = f"{len(starts)} docs of {doc_tokens}"
+    dout = torch.randn(T, HQ, D, device=DEV, dtype=DTYPE)
+    inputs = _inputs(T, HQ, H, D)
+
+    def add(op, times):
+        rows.append(dict(shape=f"{HQ}/{H}/{D}", T=T, op=f"{op}, {label}", frac=1.0, fwd=times[0], fwdbwd=times[1]))
+        print(f"  {HQ}/{H}/{D} T={T} {op}, {label}: fwd {times[0]:.2f} ms  fwd+bwd {times[1]:.2f} ms", file=sys.stderr)
+
+    documents = document_bounds(cu, T, DEV)
+    every = routed_tokens(torch.ones(T, dtype=torch.bool, device=DEV))
+    add("conditional at density 1", _time_pair(
+        lambda q, k, v: conditional_attention(q, k, v, every, documents=documents, plan=plan), inputs, dout, budget_ms))
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        doc = torch.repeat_interleave(torch.arange(len(starts), device=DEV, dtype=torch.int32), torch.diff(cu))
+
+        def mask_mod(b, h, qi, ki):
+            return (ki <= qi) & (doc[qi] == doc[ki])
+
+        def build():
+            return create_block_mask(mask_mod, None, None, T, T, device=DEV, _compile=True)
+
+        bm = build()
+
+        def f(q, k, v):
+            o = flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=bm,
+                     enable_gqa=True)
+            return o[0].transpose(0, 1)
+
+        add("FlexAttention causal + document mask (mask prebuilt)", _time_pair(f, inputs, dout, budget_ms))
+        rows.append(dict(shape=f"{HQ}/{H}/{D}", T=T, op=f"FlexAttention create_block_mask, {label}", frac="",
+                         fwd=_timer(build, budget_ms), fwdbwd=None))
+    except Exception as e:  # report and keep the rest of the table
+        print(f"  FlexAttention failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+    sdpa = _sdpa("cudnn")
+    groups = HQ // H
+
+    def per_document(q, k, v):  # [T, HQ, D] -> SDPA's [1, HQ, t, D] per document, K/V expanded
+        outs = []
+        for a, b in zip(starts, starts[1:] + [T]):
+            qd, kd, vd = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))
+            outs.append(sdpa(qd, kd.repeat_interleave(groups, 1), vd.repeat_interleave(groups, 1))[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    try:
+        add("SDPA cuDNN causal per document (K/V expanded inside)", _time_pair(per_document, inputs, dout, budget_ms))
+    except Exception as e:  # backend missing on this build/GPU
+        print(f"  SDPA cuDNN per document failed: {type(e).__name__}: {e}", file=sys.stderr)
     return rows
 
 
@@ -359,6 +425,8 @@ def main(argv=None):
     p.add_argument("--no-baselines", action="store_true", help="skip SDPA cuDNN / FlashAttention")
     p.add_argument("--flex", default="", help="lengths at which to also time FlexAttention SWA for the first "
                    "shape (compiles once per length), e.g. 131072")
+    p.add_argument("--documents", type=int, default=0, help="also time document-masked full attention over rows "
+                   "packed with documents of this many tokens, at the first shape (see above)")
     p.add_argument("--tune", action="store_true", help="tune a launch plan per shape first (at --tune-length) "
                    "and time with it")
     p.add_argument("--tune-length", type=int, default=65536)
@@ -399,6 +467,8 @@ def main(argv=None):
             flex = (HQ, H, D) == shapes[0] and str(T) in a.flex.split(",")
             rows += bench_shape(HQ, H, D, T, fractions, a.window, a.budget_ms, not a.no_baselines, flex,
                                 plan=plans[(HQ, H, D)])
+            if a.documents and (HQ, H, D) == shapes[0]:
+                rows += bench_documents(HQ, H, D, T, a.documents, a.budget_ms, plan=plans[(HQ, H, D)])
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     record["rows"] = rows
