@@ -196,3 +196,10 @@ def test_a_setting_that_does_not_exist_is_one_line_from_the_command(tmp_path, co
     """Hydra's own message for an unknown key is five lines and exit 1; ours names the setting meant."""
     error = one_error(run([BIN / command, arg, "output=out"], tmp_path))
     assert message in error and "+" in error and not (tmp_path / "out").exists()
+
+
+@pytest.mark.e2e
+def test_an_empty_argument_is_one_line_from_the_command(tmp_path):
+    """`l2a-train ... "$EXTRA"` with EXTRA unset: Hydra reports a parser error at <EOF> and exit 1."""
+    error = one_error(run([BIN / "l2a-train", "experiment=quickstart", "", "output=out"], tmp_path))
+    assert "argument 2 of the command line is empty" in error and not (tmp_path / "out").exists()

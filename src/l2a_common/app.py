@@ -43,6 +43,14 @@ def config_groups() -> dict[str, list[str]]:
     return groups
 
 
+def check_empty_arguments(argv: list[str]) -> None:
+    """Reject an empty argument in one line (Hydra's message for it is a parser error at <EOF>)."""
+    if any(not arg.strip() for arg in argv):
+        position = next(i for i, arg in enumerate(argv, 1) if not arg.strip())
+        fail(f"argument {position} of the command line is empty (a shell variable that expanded to \"\"?): "
+             "remove it or give a key=value setting")
+
+
 def check_group_overrides(argv: list[str]) -> None:
     """Reject `group=option` overrides whose option file does not exist, in one line."""
     groups = config_groups()
@@ -127,6 +135,7 @@ def hydra_app(config_name: str) -> Callable[[Callable], Callable[[], None]]:
 
         def main() -> None:
             check_python()
+            check_empty_arguments(sys.argv[1:])
             check_group_overrides(sys.argv[1:])
             check_setting_overrides(config_name, sys.argv[1:])
             os.environ.setdefault("WANDB_MODE", "offline")  # never wait on the network by default
