@@ -197,10 +197,12 @@ stage_argv() {
     train-*)
       local extra=()
       [ "$arm" = random ] && extra=(l2a.random_rate=$(density_value random_rate))
-      [ -n "${lambdas[$arm]:-}" ] && extra=(l2a.regularizer.lambda_max=${lambdas[$arm]})
+      [ -n "${lambdas[$arm]:-}" ] && extra+=(l2a.regularizer.lambda_max=${lambdas[$arm]})
       argv=("${bin}l2a-train" "experiment=replicate_$arm" "model.path=$(ckpt_of "$arm")" "data.path=$dir/data/long"
             "run_root=$dir/runs" "${arm_train[@]}" "${extra[@]}") ;;
-    density) argv=("$py" -c "$DENSITY" "$layers" "$dir/density.json" "$(run_of full)" $(for a in "${L2AS[@]}"; do run_of "$a"; done)) ;;
+    density)
+      local runs=() a; for a in "${L2AS[@]}"; do runs+=("$(run_of "$a")"); done
+      argv=("$py" -c "$DENSITY" "$layers" "$dir/density.json" "$(run_of full)" "${runs[@]}") ;;
     prune) argv=("${bin}l2a-prune" "model.path=$(hf_of "$(density_value arm)")" "calibration.path=$dir/data/heldout" calibration.max_rows=$calibration_rows
                  k=$prune_k eval_change=false kv_length=$L "output=$(hf_of l2a_pruned)" overwrite=true) ;;
     eval-*) argv=("${bin}l2a-eval" -m "+arm=$(comma $(missing "$name"))" "model.path=$dir/runs/replicate_\${arm}/hf"

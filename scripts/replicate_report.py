@@ -149,11 +149,11 @@ def markdown(root: Path, table: list[dict]) -> str:
         "KV cache: bf16, batch 1, against full attention.",
     ]
     if density:
-        measured = "; ".join(f"{LABELS[a]}: lambda_max {fmt(final_lambda(root, a), 'g')}, density {v['density']:.4f}, "
+        measured = "; ".join(f"{LABELS.get(a, a)}: lambda_max {fmt(final_lambda(root, a), 'g')}, density {v['density']:.4f}, "
                              f"LM loss {fmt(v.get('lm_loss'), '.4f')} ({fmt(100 * v['lm_loss_vs_full'] if 'lm_loss_vs_full' in v else None, '+.1f')}% vs full)"
-                             for a, v in density["arms"].items())
+                             for a, v in density.get("arms", {}).items())
         notes += ["", f"L2A arms (means of the last 10% of their training steps): {measured}. Chosen ({density.get('rule', '-')}; "
-                      f"pruned, and the budget of the matched arms): {LABELS[density['arm']]} "
+                      f"pruned, and the budget of the matched arms): {LABELS.get(density.get('arm'), '-')} "
                       f"-> random arm l2a.random_rate={density['random_rate']}, "
                       f"static arm l2a.static_every={density['static_every']} ({density['static_global_layers']} of "
                       f"{density['layers']} layers global)."]

@@ -193,12 +193,19 @@ def resumed(work, data, single, parallel):
     return {"after_kill": after_kill, **results}
 
 
-def test_save_final_false_writes_no_checkpoint_but_the_export(work, single):
+def test_save_final_false_writes_no_checkpoint_but_the_export(work, data, single):
     assert single["no_final"] == {"status": "ok"}
     run_dir = work / "no_final" / "quickstart"
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "done"
     assert not list((run_dir / "checkpoints").glob("step_*"))  # the ref run (save_every=3) has two
     assert (run_dir / "hf" / "model.safetensors").is_file()
+    # started again (trainer.resume=auto): nothing holds its last step, so one line instead of a retrain
+    again = _run([BIN / "l2a-train", *_base(data, work / "no_final", "trainer.micro_batch_size=2", "trainer.save_every=0",
+                                            "trainer.save_final=false")], work)
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert again.returncode == 2 and len(errors) == 1, again.stderr[-3000:]
+    assert "finished run of 6 steps whose last checkpoint is none (trainer.save_final=false)" in errors[0]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "done"  # left as it was
 
 
 def test_quickstart_like_run(work, single):

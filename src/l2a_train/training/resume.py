@@ -16,6 +16,7 @@ universal conversion (another world size); `convert_universal` does the conversi
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ DEFINING = ("model", "l2a", "data", "trainer")
 # may change on resume: the run's length and stop, intervals, speed/memory settings, where to resume from
 MAY_CHANGE = {
     "trainer.steps", "trainer.stop_at", "trainer.save_every", "trainer.log_every", "trainer.keep_last",
-    "trainer.max_bad_steps", "trainer.export_hf", "trainer.resume", "trainer.resume_override",
+    "trainer.max_bad_steps", "trainer.export_hf", "trainer.save_final", "trainer.resume", "trainer.resume_override",
     "trainer.universal_checkpoint", "trainer.init_from", "trainer.init_optimizer", "trainer.micro_batch_size",
     "trainer.grad_accum", "trainer.grad_checkpointing", "trainer.keep_attention_outputs", "trainer.loss_backend",
     "trainer.dry_run", "trainer.memory_limit_gib", "l2a.backend", "l2a.fused_ops",
@@ -115,6 +116,7 @@ def plan_resume(cfg, plan, env, checkpointer, resolved: dict) -> ResumePlan:
     run_dir = checkpointer.dir.parent
     if t.resume == "auto":
         resume_path = checkpointer.latest()
+        check_not_finished_without_checkpoint(run_dir, resume_path)
     elif t.resume == "never":
         resume_path = None
         if env.is_main:  # keep the earlier run's files, out of the way
@@ -148,6 +150,24 @@ def plan_resume(cfg, plan, env, checkpointer, resolved: dict) -> ResumePlan:
                             "to convert it (DeepSpeed universal checkpoint)")
         universal = how == "universal"
     return ResumePlan(resume_path, init_path, universal, resume_state)
+
+
+def check_not_finished_without_checkpoint(run_dir: Path, resume_path: Path | None) -> None:
+    """A run that finished without a checkpoint of its last step (trainer.save_final=false) cannot be
+    resumed: trainer.resume=auto would train its tail, or all of it, again and overwrite its results."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return
+    if summary.get("status") != "done":
+        return
+    last = ckpt_lib.read_state(resume_path)["step"] if resume_path is not None else 0
+    if last < int(summary.get("steps") or 0):
+        raise UserError(
+            f"{run_dir} holds a finished run of {summary['steps']} steps whose last checkpoint is "
+            f"{'at step ' + str(last) if resume_path is not None else 'none'} (trainer.save_final=false): resuming "
+            "would train it again; use trainer.resume=never to start over (its files are moved aside) or another name"
+        )
 
 
 def convert_universal(source: Path, checkpointer, env) -> None:
