@@ -150,7 +150,7 @@ def bench_shape(HQ, H, D, T, fractions, window, budget_ms, baselines=True, flex=
                                           budget_ms))
     if flex:
         try:
-            f, build = _flex_swa(T, window)
+            f, build = _flex(T, torch.zeros(T, dtype=torch.int32, device=DEV), window)  # one document
             add(f"SWA W={window} FlexAttention (mask prebuilt)", "", _time_pair(f, swa_in, dout, budget_ms))
             t_build = _timer(build, budget_ms)
             rows.append(dict(shape=f"{HQ}/{H}/{D}", T=T, op="FlexAttention create_block_mask", frac="",
@@ -190,24 +190,8 @@ def bench_documents(HQ, H, D, T, doc_tokens, budget_ms, plan=None):
     add("conditional at density 1", _time_pair(
         lambda q, k, v: conditional_attention(q, k, v, every, documents=documents, plan=plan), inputs, dout, budget_ms))
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        flex = torch.compile(flex_attention, dynamic=False)
         doc = torch.repeat_interleave(torch.arange(len(starts), device=DEV, dtype=torch.int32), torch.diff(cu))
-
-        def mask_mod(b, h, qi, ki):
-            return (ki <= qi) & (doc[qi] == doc[ki])
-
-        def build():
-            return create_block_mask(mask_mod, None, None, T, T, device=DEV, _compile=True)
-
-        bm = build()
-
-        def f(q, k, v):
-            o = flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=bm,
-                     enable_gqa=True)
-            return o[0].transpose(0, 1)
-
+        f, build = _flex(T, doc)
         add("FlexAttention causal + document mask (mask prebuilt)", _time_pair(f, inputs, dout, budget_ms))
         rows.append(dict(shape=f"{HQ}/{H}/{D}", T=T, op=f"FlexAttention create_block_mask, {label}", frac="",
                          fwd=_timer(build, budget_ms), fwdbwd=None))
@@ -230,17 +214,21 @@ def bench_documents(HQ, H, D, T, doc_tokens, budget_ms, plan=None):
     return rows
 
 
-def _flex_swa(T, window):
-    """FlexAttention SWA (document-mask form, one document here), compiled. Returns the op with
-    its block mask built once (kernel time only, the most favourable reading for Flex) and a
-    callable that builds the block mask (a cost paid again for every new packing)."""
+def _flex(T, doc, window=None):
+    """FlexAttention, causal inside each document (`doc`: every token's document id) and, with
+    `window`, inside the sliding window; compiled. Returns the op with its block mask built once
+    (kernel time only, the most favourable reading for Flex) and a callable that builds the block
+    mask (a cost paid again for every new packing)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False)
-    doc = torch.zeros(T, dtype=torch.int32, device=DEV)
 
-    def mask_mod(b, h, qi, ki):
-        return (ki <= qi) & (qi - ki < window) & (doc[qi] == doc[ki])
+    if window is None:
+        def mask_mod(b, h, qi, ki):
+            return (ki <= qi) & (doc[qi] == doc[ki])
+    else:
+        def mask_mod(b, h, qi, ki):
+            return (ki <= qi) & (qi - ki < window) & (doc[qi] == doc[ki])
 
     def build():
         return create_block_mask(mask_mod, None, None, T, T, device=DEV, _compile=True)
