@@ -45,10 +45,10 @@ def config_groups() -> dict[str, list[str]]:
 
 def check_empty_arguments(argv: list[str]) -> None:
     """Reject an empty argument in one line (Hydra's message for it is a parser error at <EOF>)."""
-    if any(not arg.strip() for arg in argv):
-        position = next(i for i, arg in enumerate(argv, 1) if not arg.strip())
-        fail(f"argument {position} of the command line is empty (a shell variable that expanded to \"\"?): "
-             "remove it or give a key=value setting")
+    for position, arg in enumerate(argv, 1):
+        if not arg.strip():
+            fail(f"argument {position} of the command line is empty (a shell variable that expanded to \"\"?): "
+                 "remove it or give a key=value setting")
 
 
 def check_group_overrides(argv: list[str]) -> None:
