@@ -82,9 +82,11 @@ def suites() -> dict[str, list[dict]]:
         case("8b-full-128k", "qwen3-8b", "qwen3", "qwen3_8b_128k_1gpu", "full", "long", 131072, steps=3),
         # the longest rows: the memory plan (trainer.dry_run) predicts 148 / 176 GiB at 192K / 256K
         # with the optimizer on the GPU, 103 / 131 GiB with it offloaded to the CPU
+        # (and with the experiment's 6 layers keeping attention outputs, 121 GiB at 192K; at 256K none keep)
         *(case(f"8b-l2a-{n // 1024}k", "qwen3-8b", "qwen3", "qwen3_8b_128k_1gpu", "l2a", "long", n, steps=3,
                extra=["model.max_position_embeddings=262144",
-                      "+deepspeed.zero_optimization.offload_optimizer={device: cpu, pin_memory: true}"])
+                      "+deepspeed.zero_optimization.offload_optimizer={device: cpu, pin_memory: true}",
+                      *(["trainer.keep_attention_outputs=false"] if n > 196608 else [])])
           for n in (196608, 262144)),
     ]
     tiny = [case("tiny-l2a-long", "tiny", "qwen3", "quickstart", "l2a", "long", 1024, steps=3),
@@ -139,7 +141,7 @@ def layout_stats(data: Path, seq_len: int) -> dict:
             "median_doc_tokens": int(statistics.median(lengths)) if lengths else 0}
 
 
-def run_case(c: dict, data: Path, work: Path, warmup: int, timeout: int, log) -> dict:
+def run_case(c: dict, data: Path, work: Path, warmup: int, timeout: int, log, profile: bool = False) -> dict:
     run_root = work / "runs"
     args = [f"experiment={c['experiment']}", f"model.family={c['family']}", "model.path=null",
             f"model.config={SHAPES[c['model']]}", f"data.path={data}", f"data.seq_len={c['seq_len']}", *METHODS[c["method"]],
@@ -147,6 +149,9 @@ def run_case(c: dict, data: Path, work: Path, warmup: int, timeout: int, log) ->
             "trainer.micro_batch_size=1", "trainer.save_every=0", "trainer.save_final=false", "trainer.export_hf=false", "trainer.log_every=1",
             "trainer.resume=never",
             f"run_root={run_root}", f"name={c['name']}", *c["extra"]]
+    profiled = c["steps"] if profile else None  # the last step, left out of the median
+    if profiled:
+        args.append(f"trainer.profile_step={profiled}")
     run_dir = run_root / c["name"]
     metrics = run_dir / "metrics.jsonl"
     log_path = work / f"{c['name']}.log"
@@ -174,8 +179,10 @@ def run_case(c: dict, data: Path, work: Path, warmup: int, timeout: int, log) ->
     predicted = re.findall(r"\*\*predicted peak\*\* \| \*\*([0-9.]+)\*\*", text)
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     records = [r for r in records if "tokens_per_s" in r]
-    timed = [r for r in records if r["step"] > warmup] or records
+    timed = [r for r in records if r["step"] > warmup and r["step"] != profiled] or records
     result = dict(c, rc=rc, steps_done=len(records), predicted_gib=float(predicted[-1]) if predicted else None)
+    if profiled and (run_dir / f"profile-step{profiled}.md").is_file():
+        result["profile"] = str(run_dir / f"profile-step{profiled}.md")
     if records:
         result.update(
             tokens_per_s=statistics.median(r["tokens_per_s"] for r in timed),
@@ -217,6 +224,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="steps left out of the median")
     p.add_argument("--timeout", type=int, default=600, help="seconds per l2a-train run")
     p.add_argument("--out", type=Path, default=None, help="also write the table (.md) and results (.json) here")
+    p.add_argument("--profile", action="store_true",
+                   help="profile each case's last step (trainer.profile_step; left out of the median): "
+                        "<run dir>/profile-step<N>.md, copied to --out as <case>-profile.md")
     args = p.parse_args(argv)
     chosen = suites()[args.suite]
     if args.cases:
@@ -239,13 +249,15 @@ def main(argv=None) -> int:
             rows = max(c2["steps"] * c2["batch"] for c2 in chosen if (c2["layout"], c2["seq_len"]) == key) + 2
             data[key] = prep_layout(args.work, c["layout"], c["seq_len"], rows, log)
             layouts[key] = layout_stats(data[key], c["seq_len"])
-        results.append(run_case(c, data[key], args.work, args.warmup, args.timeout, log))
+        results.append(run_case(c, data[key], args.work, args.warmup, args.timeout, log, args.profile))
         log(json.dumps({k: v for k, v in results[-1].items() if k not in ("extra",)}))
         md = table(results, layouts)
         if args.out:  # after every case: a suite stopped by a time limit keeps what it measured
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"bench_trainer_{args.suite}.md").write_text(md + "\n")
             (args.out / f"bench_trainer_{args.suite}.json").write_text(json.dumps(results, indent=2) + "\n")
+            if results[-1].get("profile"):
+                (args.out / f"{c['name']}-profile.md").write_text(Path(results[-1]["profile"]).read_text())
     print(md)
     return 0 if all(r["rc"] == 0 for r in results) else 1
 

@@ -43,13 +43,14 @@ def test_real_trainer_benchmark_reads_its_figures_from_l2a_train(tmp_path):
     """bench_trainer.py prepares rows with l2a-prep, trains with l2a-train, and its table's
     figures are those of the run's metrics.jsonl (a failed run would be reported, not hidden)."""
     out = _run("bench_trainer.py", "--suite", "tiny", "--cases", "tiny-l2a-long", "--work", str(tmp_path / "w"),
-               "--out", str(tmp_path / "out"))
+               "--out", str(tmp_path / "out"), "--profile")
     assert out.returncode == 0, (out.stdout + out.stderr)[-2000:]
     (result,) = json.loads((tmp_path / "out" / "bench_trainer_tiny.json").read_text())
     records = [json.loads(line) for line in (tmp_path / "w/runs/tiny-l2a-long/metrics.jsonl").read_text().splitlines()]
-    timed = [r["tokens_per_s"] for r in records if r.get("step", 0) > 1]
+    timed = [r["tokens_per_s"] for r in records if 1 < r.get("step", 0) < 3]  # the profiled last step left out
     assert result["rc"] == 0 and result["steps_done"] == 3
-    assert result["tokens_per_s"] == statistics.median(timed) and len(timed) == 2
+    assert result["tokens_per_s"] == statistics.median(timed) and len(timed) == 1
+    assert (tmp_path / "out" / "tiny-l2a-long-profile.md").read_text().startswith("# Profile of optimizer step 3")
     assert abs(result["routed"] - 0.2) < 0.1  # l2a=random at 0.2
     assert "| tiny-l2a-long | tiny | 1K | long (" in out.stdout
 

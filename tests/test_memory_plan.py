@@ -38,10 +38,12 @@ def test_dry_run_of_qwen3_8b_at_128k_on_cpu(tmp_path):
                   "trainer.memory_limit_gib=139.8", f"run_root={tmp_path / 'runs'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    assert "9.70B parameters (3.02B trainable), 1 GPU(s), ZeRO-2, bf16, 1 x 131072 tokens, checkpointing" in out
-    for term in ("| weights |", "| gradients |", "| optimizer |", "| checkpoints |", "| transient |"):
+    assert ("9.70B parameters (3.02B trainable), 1 GPU(s), ZeRO-2, bf16, 1 x 131072 tokens, checkpointing, "
+            "attention outputs kept in the last 6 of 36 layers") in out
+    for term in ("| weights |", "| gradients |", "| optimizer |", "| checkpoints |", "| transient |",
+                 "| kept attention outputs | 12.0 |"):
         assert term in out
-    assert "| **predicted peak** | **120.0** |" in out
+    assert "| **predicted peak** | **132.0** |" in out  # inside 139.8 GiB less the 5% reserve (132.8)
     run_dir = tmp_path / "runs" / "qwen3_8b_128k_1gpu"
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "train.log"]  # no model, no run files
 
@@ -74,9 +76,9 @@ def test_plan_over_the_device_stops_before_the_model_with_one_line(tmp_path, dat
     ("Qwen2.5-1.5B, 32K, attention outputs kept", ["experiment=qwen2_5_1_5b_32k", QWEN2_5_1_5B], 32768, 19.06),
     ("Qwen2.5-7B shape with 4 layers, 128K", ["experiment=qwen2_5_1_5b_32k", "model=qwen2_5_7b", QWEN2_5_7B_4_LAYERS,
                                               "trainer.keep_attention_outputs=false"], 131072, 36.1),
-    ("Qwen3-8B shape, L2A, 128K", ["experiment=qwen3_8b_128k_1gpu", QWEN3_8B, "l2a=random"], 131072, 113.4),
-    ("Qwen3-8B shape, full attention, 128K", ["experiment=qwen3_8b_128k_1gpu", QWEN3_8B, "l2a=full"], 131072, 86.9),
-    ("Qwen2.5-7B shape, L2A, 128K", ["experiment=qwen2_5_7b_128k_1gpu", QWEN2_5_7B, "l2a=random"], 131072, 84.7),
+    ("Qwen3-8B shape, L2A, 128K", ["experiment=qwen3_8b_128k_1gpu", QWEN3_8B, "l2a=random", "trainer.keep_attention_outputs=false"], 131072, 113.4),
+    ("Qwen3-8B shape, full attention, 128K", ["experiment=qwen3_8b_128k_1gpu", QWEN3_8B, "l2a=full", "trainer.keep_attention_outputs=false"], 131072, 86.9),
+    ("Qwen2.5-7B shape, L2A, 128K", ["experiment=qwen2_5_7b_128k_1gpu", QWEN2_5_7B, "l2a=random", "trainer.keep_attention_outputs=false"], 131072, 84.7),
 ])
 def test_plan_within_ten_percent_of_measured_peaks(name, overrides, seq_len, measured_gib):
     from l2a_common import compose
@@ -106,3 +108,18 @@ def test_zero_sharding_and_offload_shrink_the_plan():
     assert offloaded["optimizer"] == 0 and offloaded["gradients"] < one["gradients"] / 10
     kept = total("trainer.keep_attention_outputs=true")
     assert kept["kept attention outputs"] == 72 * 131072 * 32 * 128 * 2  # 36 layers x 2 attentions
+    six = total("trainer.keep_attention_outputs=6")  # the last 6 layers: 12 attention calls
+    assert six["kept attention outputs"] == 12 * 131072 * 32 * 128 * 2
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "'all'"])
+def test_keep_attention_outputs_is_a_bool_or_a_layer_count(value):
+    from l2a_common import UserError, compose
+    from l2a_train.training import check_config
+
+    cfg = compose("train", ["experiment=qwen3_8b_128k_1gpu", "model.path=null", QWEN3_8B, "data.seq_len=131072",
+                            "trainer.dry_run=true", f"trainer.keep_attention_outputs={value}"])
+    with pytest.raises(UserError, match=r"trainer.keep_attention_outputs=.*: give true \(every layer\), false \(none\) "
+                                        r"or a number of layers >= 1") as err:
+        check_config(cfg, 1)
+    assert "\n" not in str(err.value)

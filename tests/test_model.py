@@ -88,6 +88,42 @@ def test_router_on_sparse_path_equals_dense_path():
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_name", FAMILIES)
+def test_query_sparse_projections_equal_projecting_every_token(model_name, monkeypatch):
+    """The routed global path projects queries and outputs of the routed tokens only; projecting
+    every token (a skipped token's attention is exactly zero) gives the same output and the same
+    gradient of every parameter, router included."""
+    from l2a_train.model import attention as attn_ops
+    from l2a_train.model.layer import L2ADecoderLayer, project_qkv
+
+    def every_token(self, h, u, d, route, cos, sin, layout, backend):
+        q, k, v = project_qkv(self.global_attn, u, cos, sin, self.rotary, self.config)
+        g = attn_ops.conditional(q, k, v, layout, route, self.global_attn.scaling, backend)
+        return h + self.global_attn.o_proj(g.flatten(2) * d.to(g.dtype)[..., None])
+
+    ids = tokens()
+    _, model = base_and_l2a(model_name, "l2a.window=8", "l2a.p_dense=0")
+    model.train()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.router.weight.normal_(std=0.5, generator=torch.Generator().manual_seed(layer.layer_idx))
+
+    def forward_backward():
+        model.zero_grad()
+        out = model.model(input_ids=ids)
+        (out.last_hidden_state.square().mean() + out.router_reg).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    sparse, sparse_grads = forward_backward()
+    assert (sparse.routed_fraction > 0.1).all() and (sparse.routed_fraction < 0.9).all()
+    monkeypatch.setattr(L2ADecoderLayer, "_query_sparse_global", every_token)
+    dense, dense_grads = forward_backward()
+    torch.testing.assert_close(sparse.last_hidden_state, dense.last_hidden_state, rtol=1e-5, atol=1e-6)
+    assert sparse_grads.keys() == dense_grads.keys() and any("router" in n for n in sparse_grads)
+    for name, grad in sparse_grads.items():
+        torch.testing.assert_close(grad, dense_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_straight_through_estimator_gives_router_gradient():
     _, model = base_and_l2a("tiny_qwen3", "l2a.window=8", "l2a.p_dense=0")
     model.train()
@@ -400,6 +436,13 @@ def test_keep_attention_checkpointing_keeps_kernel_outputs_and_same_gradients(mo
     assert n_kept == n_plain
     for a, b in zip(plain, kept, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    enable_checkpointing(model, keep_attention=1)  # the last layer keeps, the other three recompute
+    n_one, one = grads()
+    assert n_one == n_plain + 2 * 3
+    for a, b in zip(plain, one, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    enable_checkpointing(model, keep_attention=False)  # an earlier call's choice does not linger
+    assert grads()[0] == 2 * n_plain
 
 
 class _HostReads:
@@ -466,7 +509,7 @@ def test_kernels_training_step_reads_the_host_once_per_l2a_layer(monkeypatch, ch
 
 def test_keep_attention_checkpointing_on_a_transformers_model():
     """The full-attention baseline (transformers' Qwen3) takes the same option: same gradients."""
-    from l2a_train.model.checkpointing import enable_checkpointing
+    from l2a_train.model.checkpointing import enable_checkpointing, keep_attention_context
 
     base, _ = base_and_l2a("tiny_qwen3")
     base.train()
@@ -478,9 +521,12 @@ def test_keep_attention_checkpointing_on_a_transformers_model():
         return [p.grad.clone() for p in base.parameters() if p.grad is not None]
 
     plain = grads()
-    enable_checkpointing(base, keep_attention=True)
-    for a, b in zip(plain, grads(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for keep in (True, 1):  # every layer; the last layer only
+        enable_checkpointing(base, keep_attention=keep)
+        for a, b in zip(plain, grads(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    policies = [layer._gradient_checkpointing_func.keywords.get("context_fn") for layer in base.model.layers]
+    assert policies == [None] * (len(policies) - 1) + [keep_attention_context]  # transformers calls each layer's own
 
 
 def test_fused_ops_route_every_norm_mlp_and_rope_through_liger(monkeypatch):

@@ -134,7 +134,7 @@ def single(work, data):
                                      "trainer.save_every=0"), fault="nan_at:2,4"),
         # no checkpoint at all (save_every=0, save_final=false), the HF export still written
         "no_final": dict(overrides=_base(data, work / "no_final", "trainer.micro_batch_size=2", "trainer.save_every=0",
-                                         "trainer.save_final=false")),
+                                         "trainer.save_final=false", "trainer.profile_step=2")),
         # the reference under ZeRO-3 with checkpointing that keeps attention outputs
         "kept": dict(overrides=_base(data, work / "kept", "trainer.micro_batch_size=4", "deepspeed=zero3",
                                      "trainer.grad_checkpointing=true", "trainer.keep_attention_outputs=true",
@@ -206,6 +206,18 @@ def test_save_final_false_writes_no_checkpoint_but_the_export(work, data, single
     assert again.returncode == 2 and len(errors) == 1, again.stderr[-3000:]
     assert "finished run of 6 steps whose last checkpoint is none (trainer.save_final=false)" in errors[0]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "done"  # left as it was
+
+
+def test_profile_step_writes_a_table_of_that_step(work, single):
+    """trainer.profile_step=2 (set in the no_final run): a Markdown profile of step 2 only."""
+    run_dir = work / "no_final" / "quickstart"
+    assert [p.name for p in run_dir.glob("profile-step*")] == ["profile-step2.md"]
+    text = (run_dir / "profile-step2.md").read_text()
+    assert text.startswith("# Profile of optimizer step 2")
+    assert "| matmuls |" in text and "| component | ms | share |" in text
+    components = text.split("| component | ms | share |\n|---|---:|---:|\n")[1].split("\n\n")[0].splitlines()
+    shares = [float(row.split("|")[3].strip().rstrip("%")) for row in components]
+    assert len(shares) >= 2 and abs(sum(shares) - 100) < 0.5  # every operator in one component
 
 
 def test_quickstart_like_run(work, single):
@@ -402,6 +414,7 @@ def _check(data, *overrides, world_size=1):
         (["model.config.vocab_size=1000"], 1, "vocab_size=1000"),
         (["trainer.init_from=/no/such/run"], 1, "trainer.init_from=/no/such/run does not exist"),
         (["trainer.keep_attention_outputs=true"], 1, "only applies with trainer.grad_checkpointing=true"),
+        (["trainer.profile_step=11", "trainer.steps=10"], 1, "trainer.profile_step=11: give an optimizer step from 1"),
     ],
 )
 def test_config_errors(data, overrides, world, expected):
@@ -437,8 +450,10 @@ def test_gpu_smoke_bf16_kernels_liger(work, data):
         pytest.skip("needs CUDA")
     results = _runner([dict(overrides=_base(data, work / "gpu", "trainer.precision=bf16", "trainer.micro_batch_size=4",
                                             "trainer.grad_checkpointing=true", "trainer.keep_attention_outputs=true",
-                                            "trainer.save_every=3"))], work)
+                                            "trainer.save_every=3", "trainer.profile_step=3"))], work)
     assert results == [{"status": "ok"}]
+    profile = (work / "gpu" / "quickstart" / "profile-step3.md").read_text()
+    assert "| attention (L2A kernels) |" in profile and "| matmuls |" in profile  # CUDA kernels, by component
     metrics = _metrics(work / "gpu" / "quickstart")
     assert metrics[-1]["lm_loss"] < metrics[0]["lm_loss"] and not any(m["skipped"] for m in metrics)
     assert metrics[-1]["mfu"] is None or 0 < metrics[-1]["mfu"] < 1

@@ -34,7 +34,8 @@ def test_flops_counter_by_hand():
     counts = fc.key_counts(torch.tensor([[0, 1, 2, 0]]))  # keys: 1,2,3,1 = 7; window 2: 1,2,2,1 = 6
     assert counts.tolist() == [4.0, 7.0, 6.0]
     flops = fc.step_flops(counts, [0.5, 1.0])
-    assert flops == pytest.approx(6 * 56 * 4 + 12 * 4 * ((6 + 0.5 * 7) + 7))
+    # the L2A layer's q_proj + o_proj (2 x 4 x 4 parameters) run for its routed half of the tokens only
+    assert flops == pytest.approx(6 * (56 - 0.5 * 32) * 4 + 12 * 4 * ((6 + 0.5 * 7) + 7))
 
 
 def test_routing_summary_uses_l2a_layers():

@@ -7,6 +7,9 @@ operators (our kernels' forward, the operator named `l2a_kernels.ATTENTION_FORWA
 fused SDPA kernels) are kept from the forward, everything else (projections, norms, MLP) is
 recomputed. Cost: each attention output, T x heads x head_dim values per attention call, kept
 per layer until its backward (about 0.8 GB per L2A layer at 128K for Qwen2.5-1.5B).
+`keep_attention=N` keeps them in the last N decoder layers only, for a model where keeping
+every layer's would not fit (every kept output is alive when the backward starts, so which N
+layers does not change the peak).
 
 Works for L2A models and for transformers' own models (the full-attention baseline), both
 through transformers' checkpointing hook; always non-reentrant (reentrant checkpointing gives
@@ -18,7 +21,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.utils.checkpoint import create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 _SDPA_OPS = (
     "_scaled_dot_product_cudnn_attention",
@@ -44,12 +47,30 @@ def keep_attention_context():
     return create_selective_checkpoint_contexts(list(attention_ops()))
 
 
-def enable_checkpointing(model, keep_attention: bool = False) -> None:
-    """Checkpoint every decoder layer of `model` (an L2A or a transformers model)."""
+def kept_layers(keep_attention: bool | int, num_layers: int) -> int:
+    """How many decoder layers keep their attention outputs: False none, True all, N the last N."""
+    if isinstance(keep_attention, bool):
+        return num_layers if keep_attention else 0
+    return min(int(keep_attention), num_layers)
+
+
+def enable_checkpointing(model, keep_attention: bool | int = False) -> None:
+    """Checkpoint every decoder layer of `model` (an L2A or a transformers model); keep the
+    attention outputs of all of them (True), none (False) or the last N (an int)."""
+    layers = model.model.layers
+    kept = kept_layers(keep_attention, len(layers))
+    for layer in layers:  # an earlier call's per-layer choice (transformers sets its layers' own again)
+        layer.__dict__.pop("_gradient_checkpointing_func", None)
     kwargs = {"use_reentrant": False}
-    if keep_attention:
+    if kept == len(layers):
         kwargs["context_fn"] = keep_attention_context
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; 5.17 has only the old name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if 0 < kept < len(layers):
+        # the per-layer checkpoint function: transformers' layers call their own, and so does
+        # L2AModel (modeling.py) when a layer has one
+        selective = functools.partial(checkpoint, use_reentrant=False, context_fn=keep_attention_context)
+        for layer in layers[len(layers) - kept:]:
+            layer._gradient_checkpointing_func = selective

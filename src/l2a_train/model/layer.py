@@ -135,16 +135,46 @@ class L2ADecoderLayer(nn.Module):
             route = d.detach() > 0.5
             p_sq = (p * p).sum(-1).mean()
 
-        q, k, v = project_qkv(self.global_attn, u, cos, sin, self.rotary, cfg)
-        scale = self.global_attn.scaling
         dense = cfg.l2a_backend == "dense" or (
             self.training and dense_path_drawn(float(cfg.l2a_p_dense), routing_step, self.layer_idx)
         )
-        if cache is not None:  # inference: skipped tokens' K/V are cached all the same
-            g = cache.global_attention(q, k, v, layout, route, scale, backend, dense=dense)
-        else:  # dense: every token attends, so skipped tokens get gradient through d
-            g = attn_ops.conditional(q, k, v, layout, route, scale, backend, dense_forward=dense, key=self.layer_idx)
-        g = g.flatten(2) * d.to(g.dtype)[..., None]
-        h = h + self.global_attn.o_proj(g)
+        if cache is None and not dense:
+            h = self._query_sparse_global(h, u, d, route, cos, sin, layout, backend)
+        else:
+            q, k, v = project_qkv(self.global_attn, u, cos, sin, self.rotary, cfg)
+            scale = self.global_attn.scaling
+            if cache is not None:  # inference: skipped tokens' K/V are cached all the same
+                g = cache.global_attention(q, k, v, layout, route, scale, backend, dense=dense)
+            else:  # dense: every token attends, so skipped tokens get gradient through d
+                g = attn_ops.conditional(q, k, v, layout, route, scale, backend, dense_forward=True,
+                                         key=self.layer_idx)
+            g = g.flatten(2) * d.to(g.dtype)[..., None]
+            h = h + self.global_attn.o_proj(g)
         terms = torch.stack([p_sq, route.float().mean(), p.mean()]).float()
         return h, terms
+
+    def _query_sparse_global(self, h, u, d, route, cos, sin, layout, backend):
+        """h + O_g(d * GlobalAttn(u)), with the query and output projections of the routed tokens only.
+
+        Exact: a skipped token's global attention is exactly zero and O_g has no bias, so its
+        rows add nothing and pass no gradient. Every token still needs its key and value.
+        Projecting queries and outputs of the ~20% routed tokens only saves most of the second
+        attention's matmuls (q_proj and o_proj are 2 x hidden^2 of its 2 x hidden^2 + 2 x
+        hidden x kv_dim weights)."""
+        attn, cfg = self.global_attn, self.config
+        batch, length, hidden = u.shape
+        routed = layout.routed_tokens(route, self.layer_idx)  # made once; reused when recomputed
+        rows = routed.positions.long()
+        q_routed = attn.q_proj(u.reshape(batch * length, hidden).index_select(0, rows))
+        q_routed = q_routed.view(rows.numel(), attn.q_proj.out_features // attn.head_dim, attn.head_dim)
+        k = attn.k_proj(u).view(batch, length, -1, attn.head_dim)
+        v = attn.v_proj(u).view(batch, length, -1, attn.head_dim)
+        if hasattr(attn, "q_norm"):
+            q_routed, k = attn.q_norm(q_routed), attn.k_norm(k)
+        # RoPE runs on q and k together (liger's kernel takes both): the queries go back to their
+        # positions, zero elsewhere (the attention reads routed rows only)
+        q = q_routed.new_zeros(batch * length, *q_routed.shape[1:]).index_copy(0, rows, q_routed)
+        q, k = fused_ops.rotary(self.rotary, q.view(batch, length, *q_routed.shape[1:]), k, cos, sin, cfg)
+        g = attn_ops.conditional(q, k, v, layout, route, attn.scaling, backend, key=self.layer_idx)
+        g = g.reshape(batch * length, -1).index_select(0, rows) * d.reshape(-1).index_select(0, rows).to(g.dtype)[:, None]
+        return h.reshape(batch * length, hidden).index_add(0, rows, attn.o_proj(g)).view_as(h)

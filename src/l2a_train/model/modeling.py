@@ -118,10 +118,11 @@ class L2AModelMixin:
         )
 
     def _checkpointed(self, layer, *args):
-        """Run `layer` under the checkpoint function transformers installed (its kwargs, e.g. the
-        selective policy of `checkpointing.enable_checkpointing`), always non-reentrant:
-        reentrant checkpointing loses the gradient of layers whose input needs none."""
-        func = getattr(self, "_gradient_checkpointing_func", None)
+        """Run `layer` under its own checkpoint function if it has one, else the one transformers
+        installed on the model (their kwargs, e.g. the selective policy of
+        `checkpointing.enable_checkpointing`), always non-reentrant: reentrant checkpointing
+        loses the gradient of layers whose input needs none."""
+        func = getattr(layer, "_gradient_checkpointing_func", None) or getattr(self, "_gradient_checkpointing_func", None)
         kwargs = dict(func.keywords) if isinstance(func, functools.partial) else {}
         kwargs["use_reentrant"] = False
         return checkpoint(layer, *args, **kwargs)

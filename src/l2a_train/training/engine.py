@@ -100,7 +100,7 @@ def build_model(cfg, device):
     trainable = apply_trainable(model, cfg.l2a.trainable)
     model.config.use_cache = False
     if cfg.trainer.grad_checkpointing:
-        enable_checkpointing(model, keep_attention=bool(cfg.trainer.keep_attention_outputs))
+        enable_checkpointing(model, keep_attention=cfg.trainer.keep_attention_outputs)
     return model, trainable
 
 

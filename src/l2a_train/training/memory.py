@@ -11,7 +11,8 @@ The terms, per process, for a step of `micro_batch_size` rows of T tokens:
                  (ZeRO-1/2/3: 1/world; zero with the optimizer offloaded to the CPU)
     checkpoints  with gradient checkpointing, each layer's input hidden states (B x T x hidden)
     kept         with trainer.keep_attention_outputs, every attention call's output (B x T x
-                 heads x head_dim), two per L2A layer
+                 heads x head_dim), two per L2A layer (with a number N of layers: N calls plus
+                 one per L2A layer among them, counted as if they were all L2A layers)
     transient    the largest short-lived allocation: the recomputed forward and the backward of
                  one layer (its MLP activations and their gradients, four to six B x T x
                  intermediate tensors) or, without checkpointing, every layer's activations;
@@ -27,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from l2a_common import UserError
+
+from ..model.checkpointing import kept_layers
 
 GIB = 2**30
 RESERVE = 0.05  # of the device memory: CUDA context, workspaces, allocator fragmentation
@@ -124,7 +127,8 @@ FIXES = {
     "optimizer": "offload it (deepspeed.zero_optimization.offload_optimizer.device=cpu), shard it over more GPUs, "
                  "or train fewer parameters (l2a.trainable=paper or router)",
     "checkpoints": "shorter rows (data.seq_len), trainer.micro_batch_size=1, or more GPUs per sequence",
-    "kept attention outputs": "trainer.keep_attention_outputs=false (recompute them), or shorter rows",
+    "kept attention outputs": "trainer.keep_attention_outputs=false (recompute them) or fewer layers "
+                              "(trainer.keep_attention_outputs=N), or shorter rows",
     "transient": "trainer.grad_checkpointing=true, trainer.micro_batch_size=1, or shorter rows",
 }
 
@@ -153,7 +157,8 @@ def plan(cfg, shape: Shape, seq_len: int, world_size: int) -> MemoryPlan:
     if t.grad_checkpointing:
         terms["checkpoints"] = tokens * shape.hidden * width * shape.layers
         if t.keep_attention_outputs:
-            calls = shape.layers + shape.l2a_layers
+            kept = kept_layers(t.keep_attention_outputs, shape.layers)
+            calls = kept + min(kept, shape.l2a_layers)
             terms["kept attention outputs"] = tokens * shape.heads * shape.head_dim * width * calls
         transient = layer_activations
     else:
@@ -165,8 +170,15 @@ def plan(cfg, shape: Shape, seq_len: int, world_size: int) -> MemoryPlan:
     settings = (f"{total / 1e9:.2f}B parameters ({trainable / 1e9:.2f}B trainable), {world_size} GPU(s), ZeRO-{stage}"
                 f"{', optimizer offloaded' if offload else ''}, {t.precision}, {t.micro_batch_size} x {seq_len} tokens, "
                 f"{'checkpointing' if t.grad_checkpointing else 'no checkpointing'}"
-                f"{', attention outputs kept' if t.grad_checkpointing and t.keep_attention_outputs else ''}")
+                f"{_kept_words(t, shape.layers)}")
     return MemoryPlan(terms, settings)
+
+
+def _kept_words(t, layers: int) -> str:
+    if not (t.grad_checkpointing and t.keep_attention_outputs):
+        return ""
+    kept = kept_layers(t.keep_attention_outputs, layers)
+    return ", attention outputs kept" + ("" if kept == layers else f" in the last {kept} of {layers} layers")
 
 
 def _next_pow2(n: int) -> int:

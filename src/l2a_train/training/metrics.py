@@ -64,13 +64,15 @@ class FlopsCounter:
     """Model FLOPs of a training step: 6 x matmul params per token, plus attention scores and
     values (fwd + bwd = 3 x 4 x heads x head_dim per query-key pair). Sliding-window layers see
     min(position + 1, W) keys, global attention position + 1 keys (its document's prefix), and
-    an L2A layer's global attention only for the routed fraction of its queries."""
+    an L2A layer's global attention only for the routed fraction of its queries, whose query and
+    output projections (2 x hidden x heads x head_dim parameters) run for the routed tokens only."""
 
     def __init__(self, model):
         cfg = model.config
         self.params = matmul_params(model)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.attn_width = cfg.num_attention_heads * head_dim
+        self.query_side_params = 2 * cfg.hidden_size * self.attn_width  # q_proj + o_proj of one attention
         self.window = int(getattr(cfg, "l2a_window", 0) or 0)
         self.layer_types = list(getattr(cfg, "l2a_layer_types", None) or ["global"] * cfg.num_hidden_layers)
 
@@ -83,7 +85,7 @@ class FlopsCounter:
     def step_flops(self, counts, routed_per_layer) -> float:
         tokens, full_keys, window_keys = (float(x) for x in counts)
         pair_flops = 12.0 * self.attn_width
-        attn = 0.0
+        attn, skipped_params = 0.0, 0.0
         for kind, routed in zip(self.layer_types, routed_per_layer):
             if kind == "global":
                 attn += full_keys
@@ -91,7 +93,8 @@ class FlopsCounter:
                 attn += window_keys
             else:
                 attn += window_keys + float(routed) * full_keys
-        return 6.0 * self.params * tokens + pair_flops * attn
+                skipped_params += (1.0 - float(routed)) * self.query_side_params
+        return 6.0 * (self.params - skipped_params) * tokens + pair_flops * attn
 
 
 def peak_flops(device: torch.device, precision: str, override_tflops=None) -> float | None:

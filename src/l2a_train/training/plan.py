@@ -154,8 +154,15 @@ def check_config(cfg, world_size: int) -> TrainPlan:
         raise UserError(f"trainer.init_from={t.init_from} does not exist; give a checkpoint of an earlier run")
     if t.get("stop_at") is not None and int(t.stop_at) < 1:
         raise UserError(f"trainer.stop_at={t.stop_at}: give a step >= 1 (or null)")
-    if t.get("keep_attention_outputs") and not t.grad_checkpointing:
-        raise UserError("trainer.keep_attention_outputs=true only applies with trainer.grad_checkpointing=true "
+    if t.profile_step is not None and not 1 <= int(t.profile_step) <= int(t.steps):
+        raise UserError(f"trainer.profile_step={t.profile_step}: give an optimizer step from 1 to trainer.steps={t.steps} "
+                        "(or null)")
+    keep = t.keep_attention_outputs
+    if not isinstance(keep, bool) and not (isinstance(keep, int) and keep >= 1):
+        raise UserError(f"trainer.keep_attention_outputs={keep!r}: give true (every layer), false (none) or a number "
+                        "of layers >= 1 (the last N keep theirs)")
+    if keep and not t.grad_checkpointing:
+        raise UserError(f"trainer.keep_attention_outputs={keep} only applies with trainer.grad_checkpointing=true "
                         "(without checkpointing nothing is recomputed); enable checkpointing or drop the setting")
 
     facts = _model_facts(cfg)

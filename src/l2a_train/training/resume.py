@@ -35,7 +35,7 @@ DEFINING = ("model", "l2a", "data", "trainer")
 # may change on resume: the run's length and stop, intervals, speed/memory settings, where to resume from
 MAY_CHANGE = {
     "trainer.steps", "trainer.stop_at", "trainer.save_every", "trainer.log_every", "trainer.keep_last",
-    "trainer.max_bad_steps", "trainer.export_hf", "trainer.save_final", "trainer.resume", "trainer.resume_override",
+    "trainer.max_bad_steps", "trainer.export_hf", "trainer.save_final", "trainer.profile_step", "trainer.resume", "trainer.resume_override",
     "trainer.universal_checkpoint", "trainer.init_from", "trainer.init_optimizer", "trainer.micro_batch_size",
     "trainer.grad_accum", "trainer.grad_checkpointing", "trainer.keep_attention_outputs", "trainer.loss_backend",
     "trainer.dry_run", "trainer.memory_limit_gib", "l2a.backend", "l2a.fused_ops",

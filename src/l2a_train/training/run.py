@@ -24,7 +24,8 @@ the first step" (startup.py). Tests inject faults through L2A_FAULT (faults.py),
 step and the checkpointer's methods; nothing here asks whether a fault is on.
 Other modules of this package: distributed.py (process group), loss.py (fused cross-entropy),
 schedules.py, checkpoints.py (atomic save / exact resume / HF export), memory.py (the memory
-plan), metrics.py (metrics.jsonl, wandb, progress bar, MFU), sweep.py (summaries);
+plan), metrics.py (metrics.jsonl, wandb, progress bar, MFU), profiling.py (trainer.profile_step), sweep.py
+(summaries);
 `l2a_train.curves` draws curves.png.
 """
 
@@ -49,6 +50,7 @@ from . import resume as resume_lib
 from .engine import build
 from .metrics import MetricsLogger, peak_flops, peak_memory_gib, summarize_routing
 from .plan import check_config, experiment_applied, memory_plan
+from .profiling import profiled
 from .startup import StartupClock
 from .step import TrainStep
 from .stopping import StopSignal, after_step
@@ -101,7 +103,8 @@ def run(cfg: DictConfig) -> dict:
     built.engine.train()
     try:
         while state.step < plan.total_steps:
-            stats = train_step(state.step)
+            with profiled(state.step + 1, cfg.trainer.profile_step, run_dir, env.is_main):
+                stats = train_step(state.step)
             state.advance(stats)
             log_step(metrics, cfg.trainer, plan, env, built, state, stats, peak)
             clock.first_step(stats.step_time)
