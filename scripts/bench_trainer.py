@@ -224,6 +224,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="steps left out of the median")
     p.add_argument("--timeout", type=int, default=600, help="seconds per l2a-train run")
     p.add_argument("--out", type=Path, default=None, help="also write the table (.md) and results (.json) here")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of every case (default: each case's own)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an l2a-train override appended to every case (repeatable), e.g. --set trainer.keep_attention_outputs=false")
     p.add_argument("--profile", action="store_true",
                    help="profile each case's last step (trainer.profile_step; left out of the median): "
                         "<run dir>/profile-step<N>.md, copied to --out as <case>-profile.md")
@@ -235,6 +238,7 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"--cases: unknown {unknown}; the suite has {[c['name'] for c in chosen]}")
         chosen = [c for c in chosen if c["name"] in names]
+    chosen = [dict(c, steps=args.steps or c["steps"], extra=c["extra"] + args.overrides) for c in chosen]
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")

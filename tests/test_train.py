@@ -562,3 +562,29 @@ def test_padding_of_the_last_row_is_not_a_target(data):
     assert (labels[batch["padding"]] == -100).all()
     before = int((next_token_labels(batch["input_ids"], batch["position_ids"]) != -100).sum())
     assert int((labels != -100).sum()) == before - (pad - 1)  # the row's last position never had a target
+
+
+def test_offloaded_optimizer_is_deepspeeds_cpu_adam(monkeypatch):
+    """DeepSpeed refuses a torch optimizer under ZeRO-Offload (the one-GPU 8B experiment's setting
+    for rows of 192K and more stopped at engine set-up): with the optimizer offloaded the trainer
+    builds DeepSpeed's CPU Adam in AdamW mode, with the same groups and settings."""
+    import torch
+    import deepspeed.ops.adam as ds_adam
+    from l2a_common import compose
+    from l2a_train.training.engine import make_optimizer
+
+    made = {}
+
+    class RecordingCPUAdam:  # the real one compiles a C++ op on first use
+        def __init__(self, groups, **settings):
+            made.update(settings, groups=groups)
+
+    monkeypatch.setattr(ds_adam, "DeepSpeedCPUAdam", RecordingCPUAdam)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    offload = "+deepspeed.zero_optimization.offload_optimizer={device: cpu, pin_memory: true}"
+    for overrides, expected in (([offload], RecordingCPUAdam), ([], torch.optim.AdamW)):
+        cfg = compose("train", ["experiment=qwen3_8b_128k_1gpu", "model.path=null", "data.path=x", *overrides])
+        optimizer = make_optimizer(module, cfg.trainer, cfg.deepspeed.zero_optimization, torch.device("cpu"))
+        assert type(optimizer) is expected
+    assert made["adamw_mode"] is True and made["lr"] == 5e-5 and made["betas"] == (0.9, 0.95) and made["eps"] == 1e-8
+    assert [len(g["params"]) for g in made["groups"]] == [1, 3]  # decay: the matrix; none: bias and norm

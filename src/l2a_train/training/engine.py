@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .loss import linear_cross_entropy
+from .memory import optimizer_offloaded
 
 
 class CausalLMWithLoss(torch.nn.Module):
@@ -79,8 +80,7 @@ def build(cfg, plan, env, universal: bool, clock) -> Built:
     flops = FlopsCounter(model)
     layer_types = list(getattr(model.config, "l2a_layer_types", None) or ["global"] * model.config.num_hidden_layers)
     module = CausalLMWithLoss(model, t.loss_backend, plan.zero_stage)
-    optimizer = torch.optim.AdamW(optimizer_groups(module, float(t.weight_decay)), lr=float(t.lr), betas=tuple(t.betas),
-                                  eps=float(t.eps), fused=env.device.type == "cuda")
+    optimizer = make_optimizer(module, t, cfg.deepspeed.zero_optimization, env.device)
     ds_config = deepspeed_config(cfg, plan.grad_accum, universal)
     with clock.phase("DeepSpeed engine set-up"):  # the model is on its device already (build_model)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
@@ -102,6 +102,19 @@ def build_model(cfg, device):
     if cfg.trainer.grad_checkpointing:
         enable_checkpointing(model, keep_attention=cfg.trainer.keep_attention_outputs)
     return model, trainable
+
+
+def make_optimizer(module, t, zero, device):
+    """AdamW over the trainable parameters: torch's (fused on CUDA), or DeepSpeed's CPU Adam in
+    AdamW mode when the optimizer is offloaded (DeepSpeed refuses a torch optimizer there: it
+    would step the CPU copies of the weights one tensor at a time). Same groups and settings."""
+    groups = optimizer_groups(module, float(t.weight_decay))
+    settings = dict(lr=float(t.lr), betas=tuple(t.betas), eps=float(t.eps))
+    if optimizer_offloaded(zero):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # builds its C++ op on first use
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **settings)
+    return torch.optim.AdamW(groups, fused=device.type == "cuda", **settings)
 
 
 def optimizer_groups(module, weight_decay: float) -> list[dict]:

@@ -143,7 +143,7 @@ def plan(cfg, shape: Shape, seq_len: int, world_size: int) -> MemoryPlan:
     total = sum(params.values())
     trainable = total if keys is None else sum(params[k] for k in keys)
     share = 1 / world_size
-    offload = str((zero.get("offload_optimizer") or {}).get("device") or "none") != "none"
+    offload = optimizer_offloaded(zero)
 
     tokens = int(t.micro_batch_size) * seq_len
     terms = {
@@ -172,6 +172,11 @@ def plan(cfg, shape: Shape, seq_len: int, world_size: int) -> MemoryPlan:
                 f"{'checkpointing' if t.grad_checkpointing else 'no checkpointing'}"
                 f"{_kept_words(t, shape.layers)}")
     return MemoryPlan(terms, settings)
+
+
+def optimizer_offloaded(zero) -> bool:
+    """deepspeed.zero_optimization.offload_optimizer.device is set (cpu or nvme)."""
+    return str((zero.get("offload_optimizer") or {}).get("device") or "none") != "none"
 
 
 def _kept_words(t, layers: int) -> str:
