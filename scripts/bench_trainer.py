@@ -181,8 +181,12 @@ def run_case(c: dict, data: Path, work: Path, warmup: int, timeout: int, log, pr
     predicted = re.findall(r"\*\*predicted peak\*\* \| \*\*([0-9.]+)\*\*", text)
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     records = [r for r in records if "tokens_per_s" in r]
-    timed = [r for r in records if r["step"] > warmup and r["step"] != profiled] or records
-    result = dict(c, rc=rc, steps_done=len(records), predicted_gib=float(predicted[-1]) if predicted else None)
+    timed = [r for r in records if r["step"] > warmup and r["step"] != profiled]
+    result = dict(c, rc=rc, steps_done=len(records), timed_steps=len(timed),
+                  predicted_gib=float(predicted[-1]) if predicted else None)
+    if not timed:  # too few steps for the warm-up and the profile: every step, and the table says so
+        timed = records
+        result["note"] = "no step after the warm-up: all steps timed"
     if profiled and (run_dir / f"profile-step{profiled}.md").is_file():
         result["profile"] = str(run_dir / f"profile-step{profiled}.md")
     if records:
@@ -214,6 +218,8 @@ def table(results: list[dict], layouts: dict) -> str:
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base and r["method"] != "full" else ""
         plan = f" ({r['predicted_gib']:.1f})" if r.get("predicted_gib") is not None else ""
         start = f"{r['startup_s']:.0f}" if r.get("startup_s") is not None else "-"
+        if r.get("note"):
+            where += f" [{r['note']}]"
         lines.append(f"| {r['name']} | {r['model']} | {r['seq_len'] // 1024}K | {where} | {r['method']} | "
                      f"{r['routed']:.2f} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_overall']:,.0f} | {ratio} | {r['peak_gib']:.1f}{plan} | {start} |")
     return "\n".join(lines)

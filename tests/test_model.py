@@ -88,25 +88,36 @@ def test_router_on_sparse_path_equals_dense_path():
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_name", FAMILIES)
-def test_query_sparse_projections_equal_projecting_every_token(model_name, monkeypatch):
-    """The routed global path projects queries and outputs of the routed tokens only; projecting
-    every token (a skipped token's attention is exactly zero) gives the same output and the same
-    gradient of every parameter, router included."""
+@pytest.mark.parametrize("model_name, overrides", [("tiny_qwen3", []), ("tiny_qwen2", []),
+                                                   ("tiny_qwen3", ["+model.config.attention_bias=true"])],
+                         ids=["qwen3", "qwen2", "qwen3-attention-bias"])
+def test_query_sparse_projections_equal_projecting_every_token(model_name, overrides, monkeypatch):
+    """The routed global path projects queries and outputs of the routed tokens only. The layer's
+    global half written out as its equations, projecting every token (a skipped token's
+    attention is exactly zero; an output bias, where a config has one, reaches it all the same),
+    gives the same output and the same gradient of every parameter, router included."""
     from l2a_train.model import attention as attn_ops
-    from l2a_train.model.layer import L2ADecoderLayer, project_qkv
+    from l2a_train.model.layer import L2ADecoderLayer, project_qkv, straight_through
 
-    def every_token(self, h, u, d, route, cos, sin, layout, backend):
-        q, k, v = project_qkv(self.global_attn, u, cos, sin, self.rotary, self.config)
-        g = attn_ops.conditional(q, k, v, layout, route, self.global_attn.scaling, backend)
-        return h + self.global_attn.o_proj(g.flatten(2) * d.to(g.dtype)[..., None])
+    def every_token(self, h, cos, sin, layout, routing_step, backend, cache=None):
+        cfg, attn = self.config, self.global_attn
+        u = self.global_layernorm(h)
+        p = torch.sigmoid(self.router(u).float() / float(cfg.l2a_temperature))
+        d = straight_through(p, float(cfg.l2a_threshold))
+        route = d.detach() > 0.5
+        q, k, v = project_qkv(attn, u, cos, sin, self.rotary, cfg)
+        g = attn_ops.conditional(q, k, v, layout, route, attn.scaling, backend)
+        h = h + attn.o_proj(g.flatten(2) * d.to(g.dtype)[..., None])
+        return h, torch.stack([(p * p).sum(-1).mean(), route.float().mean(), p.mean()]).float()
 
     ids = tokens()
-    _, model = base_and_l2a(model_name, "l2a.window=8", "l2a.p_dense=0")
+    _, model = base_and_l2a(model_name, "l2a.window=8", "l2a.p_dense=0", *overrides)
     model.train()
     with torch.no_grad():
         for layer in model.model.layers:
             layer.router.weight.normal_(std=0.5, generator=torch.Generator().manual_seed(layer.layer_idx))
+            if layer.global_attn.o_proj.bias is not None:  # a bias reaches skipped tokens too
+                layer.global_attn.o_proj.bias.normal_(std=0.05, generator=torch.Generator().manual_seed(layer.layer_idx))
 
     def forward_backward():
         model.zero_grad()
@@ -115,8 +126,8 @@ def test_query_sparse_projections_equal_projecting_every_token(model_name, monke
         return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     sparse, sparse_grads = forward_backward()
-    assert (sparse.routed_fraction > 0.1).all() and (sparse.routed_fraction < 0.9).all()
-    monkeypatch.setattr(L2ADecoderLayer, "_query_sparse_global", every_token)
+    assert (sparse.routed_fraction > 0).all() and (sparse.routed_fraction < 1).all()  # every layer partly routed
+    monkeypatch.setattr(L2ADecoderLayer, "_routed_global", every_token)
     dense, dense_grads = forward_backward()
     torch.testing.assert_close(sparse.last_hidden_state, dense.last_hidden_state, rtol=1e-5, atol=1e-6)
     assert sparse_grads.keys() == dense_grads.keys() and any("router" in n for n in sparse_grads)

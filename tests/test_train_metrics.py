@@ -76,3 +76,17 @@ def test_sweep_summary_table(tmp_path):
     assert "common overrides: `trainer.steps=2`" in table
     assert "| a=1 | 2 | 2.0000 | 0.500 | 100 |" in table and "running or killed" in table
     assert "| a=2 | 2 | 1.0000 |" in table and "| done |" in table
+
+
+def test_profile_components_of_kernel_names():
+    """trainer.profile_step's table: FlashAttention's forward is not taken for an L2A kernel (both
+    names hold "_fwd_kernel"), and the kernels of a training step land in their components."""
+    from l2a_train.training.profiling import component
+
+    assert component("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>") == "attention (cuDNN / flash / SDPA)"
+    assert component("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention (cuDNN / flash / SDPA)"
+    assert [component(n) for n in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")] == ["attention (L2A kernels)"] * 3
+    assert component("nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_TNT") == "matmuls"
+    assert component("_triton_rope") == component("element_mul_kernel") == "fused norm / SwiGLU / RoPE / loss (liger)"
+    assert component("void at::native::CatArrayBatchedCopy<float>") == "gathers, scatters, copies"
+    assert component("void at::native::vectorized_elementwise_kernel<4, AddFunctor>") == "elementwise and the rest"

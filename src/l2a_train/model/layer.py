@@ -138,7 +138,7 @@ class L2ADecoderLayer(nn.Module):
         dense = cfg.l2a_backend == "dense" or (
             self.training and dense_path_drawn(float(cfg.l2a_p_dense), routing_step, self.layer_idx)
         )
-        if cache is None and not dense:
+        if cache is None and not dense and self.global_attn.o_proj.bias is None:
             h = self._query_sparse_global(h, u, d, route, cos, sin, layout, backend)
         else:
             q, k, v = project_qkv(self.global_attn, u, cos, sin, self.rotary, cfg)
@@ -146,7 +146,7 @@ class L2ADecoderLayer(nn.Module):
             if cache is not None:  # inference: skipped tokens' K/V are cached all the same
                 g = cache.global_attention(q, k, v, layout, route, scale, backend, dense=dense)
             else:  # dense: every token attends, so skipped tokens get gradient through d
-                g = attn_ops.conditional(q, k, v, layout, route, scale, backend, dense_forward=True,
+                g = attn_ops.conditional(q, k, v, layout, route, scale, backend, dense_forward=dense,
                                          key=self.layer_idx)
             g = g.flatten(2) * d.to(g.dtype)[..., None]
             h = h + self.global_attn.o_proj(g)
@@ -156,11 +156,13 @@ class L2ADecoderLayer(nn.Module):
     def _query_sparse_global(self, h, u, d, route, cos, sin, layout, backend):
         """h + O_g(d * GlobalAttn(u)), with the query and output projections of the routed tokens only.
 
-        Exact: a skipped token's global attention is exactly zero and O_g has no bias, so its
-        rows add nothing and pass no gradient. Every token still needs its key and value.
-        Projecting queries and outputs of the ~20% routed tokens only saves most of the second
-        attention's matmuls (q_proj and o_proj are 2 x hidden^2 of its 2 x hidden^2 + 2 x
-        hidden x kv_dim weights)."""
+        Exact (up to rounding: the matmuls run over fewer rows): a skipped token's global
+        attention is exactly zero and O_g has no bias (Qwen checkpoints have none; a config with
+        `attention_bias` takes the every-token path), so its rows add nothing and pass no
+        gradient. Every token still needs its key and value. Projecting queries and outputs of
+        the ~20% routed tokens only saves most of the second attention's matmuls (q_proj and
+        o_proj: 2 x hidden x heads x head_dim of its weights; k_proj and v_proj: 2 x hidden x
+        kv_heads x head_dim)."""
         attn, cfg = self.global_attn, self.config
         batch, length, hidden = u.shape
         routed = layout.routed_tokens(route, self.layer_idx)  # made once; reused when recomputed
@@ -177,4 +179,4 @@ class L2ADecoderLayer(nn.Module):
         q, k = fused_ops.rotary(self.rotary, q.view(batch, length, *q_routed.shape[1:]), k, cos, sin, cfg)
         g = attn_ops.conditional(q, k, v, layout, route, attn.scaling, backend, key=self.layer_idx)
         g = g.reshape(batch * length, -1).index_select(0, rows) * d.reshape(-1).index_select(0, rows).to(g.dtype)[:, None]
-        return h.reshape(batch * length, hidden).index_add(0, rows, attn.o_proj(g)).view_as(h)
+        return h.reshape(batch * length, hidden).index_add(0, rows, attn.o_proj(g).to(h.dtype)).view_as(h)

@@ -65,7 +65,8 @@ class FlopsCounter:
     values (fwd + bwd = 3 x 4 x heads x head_dim per query-key pair). Sliding-window layers see
     min(position + 1, W) keys, global attention position + 1 keys (its document's prefix), and
     an L2A layer's global attention only for the routed fraction of its queries, whose query and
-    output projections (2 x hidden x heads x head_dim parameters) run for the routed tokens only."""
+    output projections (2 x hidden x heads x head_dim parameters) run for the routed tokens only
+    (model FLOPs: a layer that drew the dense path projects every token, counted all the same)."""
 
     def __init__(self, model):
         cfg = model.config

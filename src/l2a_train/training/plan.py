@@ -162,7 +162,7 @@ def check_config(cfg, world_size: int) -> TrainPlan:
         raise UserError(f"trainer.keep_attention_outputs={keep!r}: give true (every layer), false (none) or a number "
                         "of layers >= 1 (the last N keep theirs)")
     if keep and not t.grad_checkpointing:
-        raise UserError(f"trainer.keep_attention_outputs={keep} only applies with trainer.grad_checkpointing=true "
+        raise UserError(f"trainer.keep_attention_outputs={str(keep).lower()} only applies with trainer.grad_checkpointing=true "
                         "(without checkpointing nothing is recomputed); enable checkpointing or drop the setting")
 
     facts = _model_facts(cfg)
