@@ -83,7 +83,8 @@ def markdown(averages, step: int, device: str, top: int = 25) -> str:
     total = sum(ms for _, _, ms in rows) or 1.0
     by_component: dict[str, float] = {}
     for name, _, ms in rows:
-        by_component[component(name)] = by_component.get(component(name), 0.0) + ms
+        label = component(name)
+        by_component[label] = by_component.get(label, 0.0) + ms
     what = "CUDA kernels" if device == "CUDA" else "CPU operators (own time)"
     lines = [f"# Profile of optimizer step {step}", "",
              f"{what}: {total:,.1f} ms in all (profiling slows the step; read the shares).", "",
