@@ -62,13 +62,19 @@ deadline=""; [ -n "$budget" ] && deadline=$((SECONDS + budget))
 # Sizes. GPU: C = 4096, 4C = 16384, W = C/8 = 512, 8 layers (prune k = 4); the step counts and
 # token budgets live in the configs (time plan: configs/experiment/replicate_base.yaml).
 # --tiny: C = 256, W = 32, 4 layers, a 1024-token BPE, 2-4 steps, stages two at a time on 2 cores.
-C=4096; W=512; layers=8; theta=2.0e5; jobs=1
+C=4096; W=512; layers=8; theta=2.0e5
+# Stages run side by side where they do not compete: at most `trainers` training stages at once
+# (GPU: one, so every arm's tokens/s is measured with the GPU to itself but for the light stages)
+# and `jobs` stages in all (GPU: the preps, conversions, prune and evaluations of finished arms
+# run beside the training of the next arm; an evaluation decodes one token at a time and leaves
+# the GPU mostly idle). --tiny: two stages of any kind at a time on 2 cores.
+jobs=3; trainers=1
 declare -A lambdas=()   # --tiny only: l2a.regularizer.lambda_max per L2A arm (GPU: the configs')
 prep=(progress=false count_unread=false "tokenizer.train.cache_dir=$dir/tokenizers")
 base_train=(); arm_train=(); convert=(model.dtype=bfloat16)
 suite=(eval=replicate data.max_rows=8); calibration_rows=8
 if [ "$tiny" = 1 ]; then
-  C=256; W=32; layers=4; jobs=2
+  C=256; W=32; layers=4; jobs=2; trainers=2
   export OMP_NUM_THREADS=1
   prep+=(workers=0 tokenizer.train.vocab_size=1024 tokenizer.train.sample_chars=300000 tokenizer.estimate_chars=100000
          shards.tokens=100000 sources.retrieval.num_docs=400)
@@ -113,12 +119,12 @@ convert+=(model.rope_theta=$theta model.max_position_embeddings=$L l2a.window=$W
 # whose outputs are missing. Every model evaluated is <dir>/runs/replicate_<arm>/hf: the five
 # arms' exports and the pruned L2A checkpoint (arm l2a_pruned, written there by l2a-prune).
 base_hf=$dir/runs/replicate_base/hf
-MAIN=(l2a full swa); MATCHED=(random static)       # matched: at the chosen L2A arm's measured density
+MAIN=(l2a full swa); MATCHED=(random static)       # converted: before / after the chosen L2A arm's density is known
 L2AS=(l2a l2a_strong)   # the L2A arms (both trained from ckpt/l2a); density.json names the chosen one
 run_of() { echo "$dir/runs/replicate_$1"; }
 hf_of() { echo "$dir/runs/replicate_$1/hf"; }
 arms_of() { case "$1" in convert-main) echo "${MAIN[@]}" ;; convert-matched) echo "${MATCHED[@]}" ;; esac; }
-eval_arms() { case "$1" in eval-main) echo "${MAIN[@]} l2a_strong l2a_pruned" ;; eval-matched) echo "${MATCHED[@]}" ;; esac; }
+eval_arms() { echo "${1#eval-}"; }   # one evaluation stage per model: eval-<arm>
 ckpt_of() { case "$1" in l2a_strong) echo "$dir/ckpt/l2a" ;; *) echo "$dir/ckpt/$1" ;; esac; }
 comma() { local IFS=,; echo "$*"; }
 
@@ -191,7 +197,6 @@ stage_argv() {
     convert-*)  # one conversion per arm (l2a=<arm>), into ckpt/<arm>
       local extra=()
       [ "$name" = convert-matched ] && extra=(l2a.random_rate=$(density_value random_rate) l2a.static_every=$(density_value static_every))
-      [ "$name" = convert-main ] && extra=(l2a.init=preserve)  # why: configs/experiment/replicate_arm.yaml
       argv=("${bin}l2a-convert" -m "l2a=$(comma $(missing "$name"))" "model.path=$base_hf" "${convert[@]}" "${extra[@]}"
             "output=$dir/ckpt/\${l2a.mode}" overwrite=true "hydra.sweep.dir=$dir/logs/hydra-$name") ;;
     train-*)
@@ -299,17 +304,18 @@ run_stage() {
   echo "[$name] $status (${seconds} s) $info" >&2
 }
 
-# The stages and what each needs, in the order they run on one GPU (one at a time). With
-# jobs > 1 (--tiny) a stage starts as soon as what it needs is done, earliest in this list first
-# (the L2A arm's chain is the longest: it comes first). After a failure or a time limit no new
-# stage starts (those already running finish); the report runs in any case.
+# The stages and what each needs. A stage starts as soon as what it needs is done and a place is
+# free (`jobs`, `trainers` above), earliest in this list first: the training stages in the order
+# they run (the L2A arms first: their density sets the matched arms), the light stages that
+# unblock a training stage before the evaluations. After a failure or a time limit no new stage
+# starts (those already running finish); the report runs in any case.
 declare -A needs state
 stages=()
 add() { local name=$1; shift; stages+=("$name"); needs[$name]="$*"; state[$name]=pending; }
 add prep-base
+add train-base prep-base
 add prep-long prep-base
 add prep-heldout prep-base
-add train-base prep-base
 add convert-main train-base
 add train-l2a convert-main prep-long
 add train-l2a_strong convert-main prep-long
@@ -320,8 +326,9 @@ add train-swa convert-main prep-long
 add train-random convert-matched prep-long
 add train-static convert-matched prep-long
 add prune density prep-heldout
-add eval-main train-l2a train-l2a_strong train-full train-swa prune prep-heldout
-add eval-matched train-random train-static prep-heldout
+for arm in l2a l2a_strong full swa; do add "eval-$arm" "train-$arm" prep-heldout; done
+add eval-l2a_pruned prune prep-heldout
+for arm in random static; do add "eval-$arm" "train-$arm" prep-heldout; done
 
 interrupt() {  # forward a signal to the running commands (l2a-train checkpoints on SIGTERM)
   touch "$dir/logs/interrupted"
@@ -331,12 +338,13 @@ trap interrupt INT TERM
 rm -f "$dir"/logs/*.row "$dir"/logs/*.rc "$dir"/logs/*.pid "$dir/logs/interrupted"
 
 echo "replicate: work directory $dir ($([ $tiny = 1 ] && echo "--tiny, CPU, $jobs stages at a time" || echo "GPU sizes, scale $scale"); C=$C, 4C=$L, W=$W)" >&2
-failed=0; running=0
+failed=0; running=0; training=0
 collect() {  # note the stages that finished
   local name rc
   for name in "${stages[@]}"; do
     [ "${state[$name]}" = running ] && [ -f "$dir/logs/$name.rc" ] || continue
     rc=$(cat "$dir/logs/$name.rc"); running=$((running - 1))
+    case $name in train-*) training=$((training - 1)) ;; esac
     if [ "$rc" = 0 ]; then state[$name]=ok
     elif [ "$rc" = 3 ]; then state[$name]=stopped; [ "$failed" = 1 ] || failed=3
     else state[$name]=failed; failed=1
@@ -348,10 +356,12 @@ while :; do
   if [ "$failed" = 0 ] && [ ! -f "$dir/logs/interrupted" ]; then
     for name in "${stages[@]}"; do
       [ "${state[$name]}" = pending ] && [ "$running" -lt "$jobs" ] || continue
+      case $name in train-*) [ "$training" -lt "$trainers" ] || continue ;; esac
       ready=1; for need in ${needs[$name]}; do [ "${state[$need]}" = ok ] || ready=0; done
       [ "$ready" = 1 ] || continue
       state[$name]=running; running=$((running + 1)); launched=1
-      if [ "$jobs" -gt 1 ]; then run_stage "$name" & else run_stage "$name"; collect; break; fi
+      case $name in train-*) training=$((training + 1)) ;; esac
+      run_stage "$name" &
     done
   fi
   [ "$running" -gt 0 ] || [ "$launched" = 1 ] || break
@@ -370,6 +380,8 @@ stages+=(report); run_stage report
   echo "| stage | status | seconds | key figures |"
   echo "|---|---|---|---|"
   for name in "${stages[@]}"; do cat "$dir/logs/$name.row"; done
+  echo
+  echo "Wall time of this run: $SECONDS s (stages run side by side: their seconds overlap)."
 } | tee "$dir/replicate.md"
 [ -f "$dir/results.md" ] && { echo; cat "$dir/results.md"; }
 echo "work directory: $dir" >&2

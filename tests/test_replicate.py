@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ARMS = ["full", "l2a", "l2a_strong", "swa", "random", "static"]
 LABELS = ["full attention", "L2A (learned router)", "L2A, stronger regularizer", "SWA only", "random routing", "static hybrid", "L2A, pruned"]
-STAGES = ["prep-base", "prep-long", "prep-heldout", "train-base", "convert-main", "train-l2a",
+STAGES = ["prep-base", "train-base", "prep-long", "prep-heldout", "convert-main", "train-l2a",
           "train-l2a_strong", "train-full", "density", "convert-matched", "train-swa", "train-random", "train-static", "prune",
-          "eval-main", "eval-matched", "report"]
+          *(f"eval-{arm}" for arm in ["l2a", "l2a_strong", "full", "swa", "l2a_pruned", "random", "static"]), "report"]
 
 
 def replicate(work: Path, *args: str) -> subprocess.CompletedProcess:
