@@ -20,7 +20,7 @@
 # Prints a Markdown table of the stages (status, seconds, key figures), also <dir>/replicate.md;
 # each stage's log is <dir>/logs/<stage>.log.
 #
-#   bash scripts/replicate.sh                 # one GPU (planned at ~27 minutes on an H200), in runs/replicate
+#   bash scripts/replicate.sh                 # one GPU (16 minutes on an H200, measured), in runs/replicate
 #   bash scripts/replicate.sh --tiny          # CPU: a tiny model, C = 256, a few steps per stage (the test suite runs it)
 #   bash scripts/replicate.sh --dir D         # work directory (default runs/replicate; --tiny: a new temporary one)
 #   bash scripts/replicate.sh --budget 540    # stop after about 540 s: a training stage is stopped with a checkpoint
