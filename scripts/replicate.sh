@@ -26,6 +26,7 @@
 #   bash scripts/replicate.sh --budget 540    # stop after about 540 s: a training stage is stopped with a checkpoint
 #   bash scripts/replicate.sh --scale 0.1     # GPU sizes, a tenth of the steps and tokens (a check of a machine)
 #   bash scripts/replicate.sh --stage-limit S # the longest one stage may run (default 600 s, the 10-minute rule)
+#   bash scripts/replicate.sh --jobs 1        # one stage at a time (slower; every arm's tokens/s then has the GPU alone)
 #
 # Resumable: run the same command again and every stage whose outputs are complete is skipped;
 # an unfinished training stage continues from its last checkpoint (trainer.resume=auto), an
@@ -36,7 +37,7 @@
 # limit (run again to continue).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-tiny=0; dir=""; budget=""; scale=1; stage_limit=600
+tiny=0; dir=""; budget=""; scale=1; stage_limit=600; jobs_arg=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --tiny) tiny=1 ;;
@@ -44,10 +45,14 @@ while [ $# -gt 0 ]; do
     --budget) budget="$2"; shift ;;
     --scale) scale="$2"; shift ;;
     --stage-limit) stage_limit="$2"; shift ;;
-    *) echo "usage: $0 [--tiny] [--dir DIR] [--budget SECONDS] [--scale FACTOR] [--stage-limit SECONDS]" >&2; exit 2 ;;
+    --jobs) jobs_arg="$2"; shift ;;
+    *) echo "usage: $0 [--tiny] [--dir DIR] [--budget SECONDS] [--scale FACTOR] [--stage-limit SECONDS] [--jobs N]" >&2; exit 2 ;;
   esac
   shift
 done
+if [ -n "$jobs_arg" ]; then  # checked before anything is written
+  case "$jobs_arg" in *[!0-9]*|0*) echo "error: --jobs $jobs_arg: give a number of stages at a time, at least 1" >&2; exit 2 ;; esac
+fi
 if [ -z "$dir" ]; then
   if [ "$tiny" = 1 ]; then dir=$(mktemp -d "${TMPDIR:-/tmp}/l2a-replicate.XXXXXX"); else dir=runs/replicate; fi
 fi
@@ -107,6 +112,9 @@ print(max(int(sys.argv[3]), round(float(sys.argv[4]) * float(v))))" "$1" "$2" "$
     arm_train=(trainer.steps=$(scaled $arm_cfg trainer.steps 4) trainer.warmup_steps=$(scaled $arm_cfg trainer.warmup_steps 1)
                trainer.save_every=$(scaled $arm_cfg trainer.save_every 2))
   fi
+fi
+if [ -n "$jobs_arg" ]; then
+  jobs=$jobs_arg; [ "$trainers" -gt "$jobs" ] && trainers=$jobs
 fi
 L=$((4 * C)); prune_k=$((layers / 2))
 base_train+=(data.seq_len=$C); arm_train+=(data.seq_len=$L)

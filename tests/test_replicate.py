@@ -140,3 +140,10 @@ def test_heldout_packages_are_disjoint_from_training():
 
     with pytest.raises(UserError, match="split=heldout needs holdout > 0"):
         stdlib_corpus.selected_units(None, exclude, False, 0.0, "heldout")
+
+
+def test_bad_jobs_is_one_line_and_writes_nothing(tmp_path):
+    work = tmp_path / "never"
+    proc = replicate(work, "--jobs", "0")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --jobs 0: give a number of stages at a time, at least 1"
+    assert not work.exists()
