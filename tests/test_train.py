@@ -454,6 +454,7 @@ def test_gpu_smoke_bf16_kernels_liger(work, data):
     assert results == [{"status": "ok"}]
     profile = (work / "gpu" / "quickstart" / "profile-step3.md").read_text()
     assert "| attention (L2A kernels) |" in profile and "| matmuls |" in profile  # CUDA kernels, by component
+    assert "## Timeline" in profile and "Idle gaps by the operator that launched" in profile  # the device timeline
     metrics = _metrics(work / "gpu" / "quickstart")
     assert metrics[-1]["lm_loss"] < metrics[0]["lm_loss"] and not any(m["skipped"] for m in metrics)
     assert metrics[-1]["mfu"] is None or 0 < metrics[-1]["mfu"] < 1

@@ -90,3 +90,43 @@ def test_profile_components_of_kernel_names():
     assert component("_triton_rope") == component("element_mul_kernel") == "fused norm / SwiGLU / RoPE / loss (liger)"
     assert component("void at::native::CatArrayBatchedCopy<float>") == "gathers, scatters, copies"
     assert component("void at::native::vectorized_elementwise_kernel<4, AddFunctor>") == "elementwise and the rest"
+
+
+def test_profile_timeline_idle_gaps_and_host_waits():
+    """The timeline part of trainer.profile_step: overlapping kernels on two streams count once,
+    a gap below 5 us is not listed, an idle gap goes to the operator that launched the kernel after
+    it (late launch: the host was behind), and a synchronising call to the operator that made it."""
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from l2a_train.training.profiling import idle_gaps, timeline_markdown
+
+    busy, span, gaps = idle_gaps([(30, 40, "c"), (0, 10, "a"), (8, 20, "b"), (41, 50, "d")])
+    assert (busy, span, gaps) == (39, 50, [(10, 20, "c")])
+    assert idle_gaps([]) == (0.0, 0.0, [])
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, start, end, id=0, device=cpu, parent=None):  # times in ms here, in us for the profiler
+        return NS(name=name, time_range=NS(start=start * 1000, end=end * 1000), id=id, device_type=device,
+                  is_user_annotation=False, cpu_parent=parent, self_cpu_time_total=(end - start) * 1000)
+
+    engine = ev("autograd::engine::evaluate_function: MmBackward0", 0, 100)
+    mm_bwd = ev("aten::mm", 1, 99, parent=engine)
+    nonzero = ev("aten::nonzero", 21, 29)
+    events = [
+        ev("k1", 0, 20, id=7, device=cuda), ev("cudaLaunchKernel", 0, 1, id=7, parent=nonzero),
+        ev("k2", 30, 40, id=8, device=cuda), ev("cudaLaunchKernel", 25, 26, id=8, parent=mm_bwd),  # launched late
+        ev("k3", 60, 70, id=9, device=cuda), ev("cuLaunchKernelEx", 35, 36, id=9, parent=nonzero),  # launched early
+        ev("cudaStreamSynchronize", 22, 28, parent=nonzero), nonzero, mm_bwd, engine,
+    ]
+    text = timeline_markdown(events)
+    assert "busy 40.0 ms (57.1%), idle 30.0 ms, of which 30.0 ms in 2 gaps" in text and "3 device operations" in text
+    assert "(launch overhead): 10.0 ms" in text
+    assert "| `aten::nonzero` | 1 | 20.0 | 0.0 | 20,000 |" in text  # k3 was queued before the GPU went idle
+    assert "| `aten::mm [backward]` | 1 | 10.0 | 10.0 | 10,000 |" in text  # the host launched k2 late
+    waits = text.split("by the operator that made them):")[1].split("Host time")[0]
+    assert "| `aten::nonzero` | 1 | 6.0 |" in waits and "mm" not in waits
+    host = text.split("Host time by operator")[1]
+    assert "| `aten::mm` | 1 | 98.0 | 98,000.0 |" in host  # own time of each operator

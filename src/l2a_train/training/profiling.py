@@ -9,6 +9,12 @@ the kernels that took the most time, so a step that is slower than expected can 
 each component's ideal (docs/BENCHMARKS.md has the kernel tables). On a machine without CUDA the
 same table is made of the CPU operators' own time. Only the main process writes it; profiling
 adds overhead to that one step, so its tokens/s is not a benchmark figure.
+
+On CUDA it also reads the step's timeline, which the kernel sums cannot show: how long the GPU
+sat idle between kernels, which operator launched the kernel after each idle gap and whether that
+launch came late (the GPU waited on the host: launch overhead) or early (a wait on another
+stream), how long the host waited on the GPU (synchronising calls, by the operator that made
+them), and the operators that cost the host the most time.
 """
 
 from __future__ import annotations
@@ -61,7 +67,10 @@ def profiled(step: int, profile_step, run_dir: Path, is_main: bool):
             torch.cuda.synchronize()
     path = Path(run_dir) / f"profile-step{step}.md"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(markdown(prof.key_averages(), step, "CUDA" if cuda else "CPU"))
+    text = markdown(prof.key_averages(), step, "CUDA" if cuda else "CPU")
+    if cuda:
+        text += timeline_markdown(prof.events())
+    tmp.write_text(text)
     os.replace(tmp, path)
     log.info("profile of step %d: %s", step, path)
 
@@ -95,4 +104,109 @@ def markdown(averages, step: int, device: str, top: int = 25) -> str:
     for name, count, ms in sorted(rows, key=lambda r: -r[2])[:top]:
         short = name if len(name) <= 90 else name[:87] + "..."
         lines.append(f"| `{short.replace('|', '/')}` | {count} | {ms:,.1f} | {ms / total:.1%} | {component(name)} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the timeline
+
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cuStreamSynchronize",
+              "cuCtxSynchronize", "cuEventSynchronize")
+
+
+def idle_gaps(spans, min_gap_us: float = 5.0):
+    """Busy time, span and idle gaps of device activity.
+
+    spans: (start_us, end_us, key) of every kernel, copy and memset, on any stream. Returns
+    (busy_us, span_us, gaps) with busy the union of the intervals, span from the first start to
+    the last end, and gaps a list of (gap_us, idle_from_us, key of the span that ended it) for every
+    stretch of at least min_gap_us with nothing running on the device."""
+    spans = sorted(spans, key=lambda s: (s[0], s[1]))
+    if not spans:
+        return 0.0, 0.0, []
+    busy, gaps = 0.0, []
+    first, end = spans[0][0], spans[0][0]
+    for start, stop, key in spans:
+        if start > end:
+            if start - end >= min_gap_us:
+                gaps.append((start - end, end, key))
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    return busy, end - first, gaps
+
+
+def _op_label(event) -> str:
+    """The innermost operator above a runtime call, marked [backward] inside the autograd engine."""
+    op, parent, backward = None, event.cpu_parent, False
+    while parent is not None:
+        if op is None and not parent.name.startswith(("cuda", "cu", "hip")):
+            op = parent.name
+        if parent.name.startswith("autograd::engine::evaluate_function"):
+            backward = True
+        parent = parent.cpu_parent
+    op = op or "(no operator)"
+    return f"{op} [backward]" if backward else op
+
+
+def timeline_markdown(events, top: int = 15) -> str:
+    """The step's device timeline: idle gaps by the operator that launched the next kernel, host
+    waits by the operator that made them, and the host's costliest operators."""
+    cuda = torch.autograd.DeviceType.CUDA
+    spans, runtime, waits = [], {}, {}
+    for e in events:
+        if e.device_type == cuda:
+            if not e.is_user_annotation:
+                spans.append((e.time_range.start, e.time_range.end, e.id))
+        elif e.name.startswith(("cuda", "cu")):  # a CUDA runtime or driver call, keyed by its correlation id
+            runtime[e.id] = e
+            if e.name in HOST_WAITS:
+                label = _op_label(e)
+                n, us = waits.get(label, (0, 0.0))
+                waits[label] = (n + 1, us + e.time_range.end - e.time_range.start)
+    busy, span, gaps = idle_gaps(spans)
+    if not spans:
+        return "\n## Timeline\n\nNo device activity was recorded.\n"
+    by_op: dict[str, list] = {}
+    late = 0.0
+    for gap, idle_from, key in gaps:
+        launch = runtime.get(key)
+        label = _op_label(launch) if launch is not None else "(launch not recorded)"
+        host_late = launch is not None and launch.time_range.start >= idle_from
+        late += gap if host_late else 0.0
+        row = by_op.setdefault(label, [0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += gap
+        row[2] += gap if host_late else 0.0
+    idle = span - busy
+    lines = ["", "## Timeline", "",
+             f"Device activity spans {span / 1000:,.1f} ms: kernels, copies and memsets busy {busy / 1000:,.1f} ms "
+             f"({busy / span:.1%}), idle {idle / 1000:,.1f} ms, of which {sum(g for g, _, _ in gaps) / 1000:,.1f} ms "
+             f"in {len(gaps):,} gaps of at least 5 us; {len(spans):,} device operations.",
+             f"Idle while the host had not yet launched the next kernel (launch overhead): {late / 1000:,.1f} ms; "
+             "the rest waited with the kernel already launched (another stream, an event).", "",
+             f"Idle gaps by the operator that launched the kernel after them (top {top}):", "",
+             "| operator | gaps | idle ms | of which the host was late | mean gap us |", "|---|---:|---:|---:|---:|"]
+    for label, (n, us, late_us) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"| `{label.replace('|', '/')}` | {n:,} | {us / 1000:,.1f} | {late_us / 1000:,.1f} | {us / n:,.0f} |")
+    lines += ["", "Host waits on the device (synchronising calls, by the operator that made them):", ""]
+    if waits:
+        lines += ["| operator | calls | ms |", "|---|---:|---:|"]
+        for label, (n, us) in sorted(waits.items(), key=lambda kv: -kv[1][1])[:top]:
+            lines.append(f"| `{label.replace('|', '/')}` | {n:,} | {us / 1000:,.1f} |")
+    else:
+        lines.append("none.")
+    ops: dict[str, list] = {}
+    for e in events:
+        if e.device_type == cuda:
+            continue
+        row = ops.setdefault(e.name, [0, 0.0])  # own time: a span's children are not counted twice
+        row[0] += 1
+        row[1] += e.self_cpu_time_total
+    lines += ["", f"Host time by operator (own time, top {top}; the CUDA runtime calls are the launches):", "",
+              "| operator | calls | ms | mean us |", "|---|---:|---:|---:|"]
+    for name, (n, us) in sorted(ops.items(), key=lambda kv: -kv[1][1])[:top]:
+        short = name if len(name) <= 90 else name[:87] + "..."
+        lines.append(f"| `{short.replace('|', '/')}` | {n:,} | {us / 1000:,.1f} | {us / n:,.1f} |")
     return "\n".join(lines) + "\n"
