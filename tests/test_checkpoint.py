@@ -99,3 +99,25 @@ def test_fault_spec(monkeypatch):
     assert faults.fault_steps("nan_at") == {2, 4} and faults.fault_steps("kill_in_save") == {1}
     assert faults.fault_steps("sigterm_at") == set()
     json.dumps(faults.fault_steps("nan_at"), default=list)
+
+
+def test_mapped_loads_map_zip_files_and_restore_the_engine(tmp_path, monkeypatch):
+    """Loading a checkpoint maps zip-format files (tensors equal, backed by the file) and still reads
+    a legacy-format file; the DeepSpeed checkpoint engine gets its own load back afterwards."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    state = {"module": {"w": torch.arange(6.0).view(2, 3)}, "step": 3}
+    torch.save(state, tmp_path / "zip.pt")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    engine = SimpleNamespace(checkpoint_engine=TorchCheckpointEngine())
+    calls, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda path, **kw: calls.append((ck.Path(path).name, kw.get("mmap"))) or load(path, **kw))
+    with ck.mapped_loads(engine):
+        mapped = engine.checkpoint_engine.load(str(tmp_path / "zip.pt"), map_location=torch.device("cpu"))
+        legacy = engine.checkpoint_engine.load(str(tmp_path / "legacy.pt"), map_location=torch.device("cpu"))
+    for got in (mapped, legacy):
+        assert got["step"] == 3 and torch.equal(got["module"]["w"], state["module"]["w"])
+    assert calls == [("zip.pt", True), ("legacy.pt", None)]  # mapped; read whole (mmap needs the zip format)
+    assert "load" not in vars(engine.checkpoint_engine)  # the class's own method again

@@ -18,6 +18,10 @@ goes through a DeepSpeed universal checkpoint (converted once into this run's ch
 stops with a clear message (`trainer.universal_checkpoint=false`); a different ZeRO stage stops
 with a clear message (the weights alone carry over through the Hugging Face export, `hf/`).
 The scheduler has no state: the learning rate and lambda are functions of the step (`schedules.py`).
+
+Loading maps the files into memory (`mapped_loads`) instead of reading them whole: DeepSpeed reads
+the model-states file twice (once to check its parallel layout), and a mapped file costs only its
+pickle the first time and is copied once, straight into the parameters, the second.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -177,8 +183,9 @@ class Checkpointer:
         if state.get("format") != STATE_FORMAT:
             raise UserError(f"{path}/{STATE_FILE}: unknown format {state.get('format')!r}")
         source = self.universal_path(path) if universal else path
-        loaded, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
+        with mapped_loads(engine):
+            loaded, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
         if loaded is None:
             raise UserError(f"{path}: DeepSpeed could not load this checkpoint")
         same_world = int(state.get("world_size", -1)) == self.env.world_size
@@ -193,10 +200,39 @@ class Checkpointer:
         optimizer (also across layouts, through the universal conversion); step, schedule and
         data start fresh."""
         source = self.universal_path(path) if universal else path
-        loaded, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_module_only=not with_optimizer,
-                                           load_optimizer_states=with_optimizer, load_lr_scheduler_states=False)
+        with mapped_loads(engine):
+            loaded, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_module_only=not with_optimizer,
+                                               load_optimizer_states=with_optimizer, load_lr_scheduler_states=False)
         if loaded is None:
             raise UserError(f"trainer.init_from={path}: DeepSpeed could not load this checkpoint")
+
+
+def mapped_load(path, map_location=None):
+    """torch.load of a checkpoint file, memory-mapped when it is in torch's zip format (the
+    default since torch 1.6; an older file is read whole, as before)."""
+    if zipfile.is_zipfile(path):
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+@contextmanager
+def mapped_loads(engine):
+    """Within: the DeepSpeed engine's checkpoint engine loads files with `mapped_load`.
+
+    DeepSpeed's torch checkpoint engine reads every file whole, and its model-states file twice
+    (`SDLoaderFactory` loads it once only to check the parallel layout). For the 1.5B model that
+    is ~10 GB read for ~7 GB of checkpoint; mapped, the check reads only the pickle and the
+    tensors are copied once, into the parameters (3x faster on a warm page cache). DeepSpeed has
+    no setting for this, so the engine's own `load` is wrapped for the duration of one call."""
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    if ckpt_engine is None or type(ckpt_engine).__name__ != "TorchCheckpointEngine":
+        yield  # another engine (decoupled, nebula, ...) keeps its own loading
+        return
+    ckpt_engine.load = mapped_load
+    try:
+        yield
+    finally:
+        del ckpt_engine.load  # the class's method again
 
 
 def load_plan(state: dict, world_size: int, zero_stage: int, weights_only: bool = False) -> str:
