@@ -214,16 +214,21 @@ def _(q, k, v, pos, docstart, window, scale, launch):
 class _Attention(torch.autograd.Function):
     """pos: the rows the forward computes (None: every token); grad_pos: the rows whose output
     gradient is propagated (the routed rows; None: every token). They differ only for the dense
-    forward of conditional_attention."""
+    forward of conditional_attention. kept/key: see `_check_kept`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pos, grad_pos, docstart, docend, window, scale, plan):
+    def forward(ctx, q, k, v, pos, grad_pos, docstart, docend, window, scale, plan, kept, key):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        cfg = plan.fwd
-        launch = [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, int(plan.fwd_kv_tma)]
-        out, lse = _attention_forward(q, k, v, pos, docstart, window, scale, launch)
-        if pos is None and grad_pos is not None:
-            lse = lse.index_select(0, grad_pos)
+        if kept is not None and key in kept:  # the recomputation of a kept call: its forward's result
+            out, lse = kept.pop(key)
+        else:
+            cfg = plan.fwd
+            launch = [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, int(plan.fwd_kv_tma)]
+            out, lse = _attention_forward(q, k, v, pos, docstart, window, scale, launch)
+            if pos is None and grad_pos is not None:
+                lse = lse.index_select(0, grad_pos)
+            if kept is not None:
+                kept[key] = (out.detach(), lse)
         ctx.save_for_backward(q, k, v, out, lse, grad_pos, docstart, docend)
         ctx.window, ctx.scale, ctx.plan = window, scale, plan
         return out
@@ -234,14 +239,33 @@ class _Attention(torch.autograd.Function):
         dq, dk, dv = _triton_attn.backward(
             _last_dim_contiguous(dout), q, k, v, out, lse, grad_pos, docstart, docend, ctx.window, ctx.scale, ctx.plan
         )
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def _check_kept(kept, key):
+    """kept: None, or a dict the caller owns, with key (any hashable) naming this call.
+
+    The first call with a key runs the forward kernel and puts its result (output and softmax
+    statistics) in kept; the next call with that key takes it out instead of running the kernel
+    again. That is activation checkpointing's recomputation with the attention output kept: the
+    caller recomputes everything else and passes the same q, k, v again (the backward reads the
+    q, k, v of the second call with the output of the first, as torch's selective checkpointing
+    would). Done here rather than with a selective-checkpointing policy because such a policy
+    sees every operator of the recomputed layer on the host (a Python dispatch mode), which at
+    32K tokens costs more host time than the GPU has work to hide it."""
+    if kept is None:
+        return
+    if not isinstance(kept, dict):
+        raise TypeError(f"kept must be a dict or None, got {type(kept).__name__}")
+    if key is None:
+        raise ValueError("kept= needs key= (a name for this call, e.g. (layer, 'global'))")
 
 
 # ----------------------------------------------------------------------------- public ops
 
 
 def conditional_attention(q, k, v, route, *, cu_seqlens=None, documents=None, scale=None, dense_forward=False,
-                          plan=None):
+                          plan=None, kept=None, key=None):
     """Query-sparse causal attention with documents and native grouped-query attention.
 
     Args:
@@ -260,6 +284,10 @@ def conditional_attention(q, k, v, route, *, cu_seqlens=None, documents=None, sc
             route, which L2A does (out * d): the other rows' gradient is then zero anyway. The
             backward then costs ~density x that of causal attention instead of 1x.
         plan: the kernels' LaunchPlan (l2a_kernels.plan), default `default_plan(D, INTERPRETED)`.
+        kept, key: keep the forward's result for a recomputation of this call (activation
+            checkpointing): a dict and this call's name in it. The first call with the key fills
+            it, the second takes it out and runs no forward kernel. Triton path only (the CPU
+            fallback recomputes).
 
     Returns:
         out [T, HQ, D] in q's dtype: for a routed token, causal attention over the earlier keys
@@ -276,21 +304,23 @@ def conditional_attention(q, k, v, route, *, cu_seqlens=None, documents=None, sc
     docs, scale = _check_common(q, k, v, cu_seqlens, documents, scale)
     tokens = _check_route(route, q.shape[0], q.device)
     plan = _plan(plan, q)
+    _check_kept(kept, key)
     if not _use_triton(q):
         return reference.conditional_attention(q, k, v, tokens.mask, cu_seqlens=docs.cu_seqlens, scale=scale,
                                                dense_forward=dense_forward)
     pos = tokens.positions
     return _Attention.apply(q, k, v, None if dense_forward else pos, pos, docs.docstart, docs.docend, None, scale,
-                            plan)
+                            plan, kept, key)
 
 
-def sliding_window_attention(q, k, v, window, *, cu_seqlens=None, documents=None, scale=None, plan=None):
+def sliding_window_attention(q, k, v, window, *, cu_seqlens=None, documents=None, scale=None, plan=None,
+                             kept=None, key=None):
     """Causal sliding-window attention with documents and native grouped-query attention.
 
     Each token attends to the last `window` keys of its own document, itself included
     (window=1: only itself; window >= T: full causal attention). Shapes, dtypes, cu_seqlens or
-    documents, scale, plan and the CPU fallback as in conditional_attention (no host sync with
-    documents=). Uses the same Triton kernels
+    documents, scale, plan, kept/key and the CPU fallback as in conditional_attention (no host
+    sync with documents=). Uses the same Triton kernels
     with compaction off and the window bound on the key loops (measured against
     FlexAttention in docs/BENCHMARKS.md).
     """
@@ -299,8 +329,9 @@ def sliding_window_attention(q, k, v, window, *, cu_seqlens=None, documents=None
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     T = q.shape[0]
     plan = _plan(plan, q)
+    _check_kept(kept, key)
     if not _use_triton(q):
         return reference.sliding_window_attention(q, k, v, window, cu_seqlens=docs.cu_seqlens, scale=scale)
     window = int(window)
     return _Attention.apply(q, k, v, None, None, docs.docstart, docs.docend, window if window < T else None, scale,
-                            plan)
+                            plan, kept, key)

@@ -325,6 +325,37 @@ def test_prepared_inputs_give_the_same_results_without_host_reads(monkeypatch, d
                        l2a_kernels.conditional_attention(q, k, v, ones, cu_seqlens=cu))
 
 
+@pytest.mark.parametrize("op", ["conditional", "conditional-dense", "sliding-window"])
+def test_kept_forward_results_are_reused_once(monkeypatch, op):
+    """kept=/key= (activation checkpointing keeping attention outputs): the first call runs the
+    forward kernel and keeps its result, the second call with the key runs none and gives the
+    same output and gradients (its own q, k, v with the first call's output), then the key is gone."""
+    from l2a_kernels import _triton_attn
+
+    T, HQ, H, D = 70, 4, 2, 16
+    q, k, v, do = _inputs(T, HQ, H, D, torch.float32, seed=41)
+    route = torch.rand(T, generator=torch.Generator().manual_seed(42)) < 0.4
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32)
+    calls, forward = [], _triton_attn.forward
+    monkeypatch.setattr(_triton_attn, "forward", lambda *a: calls.append(1) or forward(*a))
+    f = {"conditional": lambda *a, **kw: l2a_kernels.conditional_attention(*a, route, cu_seqlens=cu, **kw),
+         "conditional-dense": lambda *a, **kw: l2a_kernels.conditional_attention(*a, route, cu_seqlens=cu,
+                                                                                 dense_forward=True, **kw),
+         "sliding-window": lambda *a, **kw: l2a_kernels.sliding_window_attention(*a, 9, cu_seqlens=cu, **kw)}[op]
+    plain = _grads(f, q, k, v, do)
+    kept = {}
+    first = _grads(lambda *a: f(*a, kept=kept, key=(3, "global")), q, k, v, do)
+    assert list(kept) == [(3, "global")] and len(calls) == 2
+    second = _grads(lambda *a: f(*a, kept=kept, key=(3, "global")), q, k, v, do)
+    assert kept == {} and len(calls) == 2  # no forward kernel: the kept result
+    for a, b, c in zip(plain, first, second):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    with pytest.raises(TypeError, match="kept must be a dict or None, got list"):
+        f(q, k, v, kept=[], key=1)
+    with pytest.raises(ValueError, match=r"kept= needs key="):
+        f(q, k, v, kept={})
+
+
 def test_prepared_inputs_bad_input():
     q, k, v, route = _good()
     T = q.shape[0]

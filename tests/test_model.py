@@ -99,7 +99,7 @@ def test_query_sparse_projections_equal_projecting_every_token(model_name, overr
     from l2a_train.model import attention as attn_ops
     from l2a_train.model.layer import L2ADecoderLayer, project_qkv, straight_through
 
-    def every_token(self, h, cos, sin, layout, routing_step, backend, cache=None):
+    def every_token(self, h, cos, sin, layout, routing_step, backend, cache=None, keep_key=None):
         cfg, attn = self.config, self.global_attn
         u = self.global_layernorm(h)
         p = torch.sigmoid(self.router(u).float() / float(cfg.l2a_temperature))
@@ -419,16 +419,22 @@ def test_kernels_dense_path_matches_reference():
 
 
 def test_keep_attention_checkpointing_keeps_kernel_outputs_and_same_gradients(monkeypatch):
-    """Selective checkpointing (trainer.keep_attention_outputs): the attention kernels run once
-    per call, as without checkpointing (plain checkpointing runs them twice), same gradients."""
+    """trainer.keep_attention_outputs on the kernels backend: the attention kernels run once per
+    call, as without checkpointing (plain checkpointing runs them twice), same gradients, and
+    without torch's selective checkpointing (its dispatch mode costs host time on every operator):
+    the kernels keep their own outputs."""
     from l2a_kernels import _triton_attn
+    from l2a_train.model import checkpointing
     from l2a_train.model.checkpointing import enable_checkpointing
 
     _, model = base_and_l2a("tiny_qwen3", "l2a.window=8", "l2a.p_dense=0.5", "l2a.backend=kernels")
     model.train()
-    calls = []
+    calls, selective = [], []
     forward = _triton_attn.forward  # the forward kernel's launch, counted
     monkeypatch.setattr(_triton_attn, "forward", lambda *a: calls.append(1) or forward(*a))
+    contexts = checkpointing.create_selective_checkpoint_contexts
+    monkeypatch.setattr(checkpointing, "create_selective_checkpoint_contexts",
+                        lambda *a: selective.append(1) or contexts(*a))
     ids = tokens(length=40)
 
     def grads():
@@ -454,6 +460,14 @@ def test_keep_attention_checkpointing_keeps_kernel_outputs_and_same_gradients(mo
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     enable_checkpointing(model, keep_attention=False)  # an earlier call's choice does not linger
     assert grads()[0] == 2 * n_plain
+    assert selective == []
+    model.config.l2a_backend = "reference"  # SDPA: kept by torch's selective checkpointing, one context a layer
+    plain_ref = grads()[1]
+    enable_checkpointing(model, keep_attention=True)
+    kept_ref = grads()[1]
+    assert len(selective) == 4 and not any(layer.keep_attention_outputs for layer in model.model.layers)
+    for a, b in zip(plain_ref, kept_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 class _HostReads:

@@ -59,13 +59,21 @@ def _flat(x):
     return x.reshape(-1, *x.shape[2:])
 
 
-def sliding_window(q, k, v, layout: DocumentLayout, window: int, scale: float, backend: str):
+def _kept(layout: DocumentLayout, keep_key):
+    """The kernels' kept=/key= for a call whose output is kept through checkpointing (keep_key:
+    its name, e.g. (layer, "swa")), or none."""
+    return {} if keep_key is None else {"kept": layout.kept_attention, "key": keep_key}
+
+
+def sliding_window(q, k, v, layout: DocumentLayout, window: int, scale: float, backend: str, keep_key=None):
+    """keep_key: keep this call's output for activation checkpointing's recomputation (kernels
+    backend; the reference backend recomputes it)."""
     if backend == "reference":
         return _sdpa(q, k, v, layout.mask(window), scale)
     from l2a_kernels import sliding_window_attention
 
     out = sliding_window_attention(_flat(q), _flat(k), _flat(v), window, documents=layout.kernel_documents,
-                                   scale=scale)
+                                   scale=scale, **_kept(layout, keep_key))
     return out.view_as(q)
 
 
@@ -86,7 +94,7 @@ def causal(q, k, v, layout: DocumentLayout, scale: float, backend: str):
 
 
 def conditional(q, k, v, layout: DocumentLayout, route: torch.Tensor, scale: float, backend: str,
-                dense_forward: bool = False, key=None):
+                dense_forward: bool = False, key=None, keep_key=None):
     """Global attention for routed tokens (route: bool [B, L]); exact zeros for the others.
 
     dense_forward (L2A's dense path): every token gets its attention in the forward, and only
@@ -95,7 +103,8 @@ def conditional(q, k, v, layout: DocumentLayout, route: torch.Tensor, scale: flo
     the cost of a dense backward, with the same gradients.
 
     key (the layer index): the routed positions are worked out once per forward and key (one
-    host sync), and reused when activation checkpointing recomputes the layer."""
+    host sync), and reused when activation checkpointing recomputes the layer. keep_key: as in
+    sliding_window."""
     if backend == "reference":
         out = _sdpa(q, k, v, layout.mask(), scale)
         if dense_forward:
@@ -105,6 +114,6 @@ def conditional(q, k, v, layout: DocumentLayout, route: torch.Tensor, scale: flo
 
     out = conditional_attention(
         _flat(q), _flat(k), _flat(v), layout.routed_tokens(route, key), documents=layout.kernel_documents,
-        scale=scale, dense_forward=dense_forward,
+        scale=scale, dense_forward=dense_forward, **_kept(layout, keep_key),
     )
     return out.view_as(q)

@@ -2,11 +2,20 @@
 
 Plain checkpointing recomputes each layer's forward in the backward pass, attention included:
 at 128K that recomputation is about a fifth of an L2A training step. `keep_attention=True`
-uses torch's selective activation checkpointing instead: the outputs of the attention
-operators (our kernels' forward, the operator named `l2a_kernels.ATTENTION_FORWARD_OP`, and torch's
-fused SDPA kernels) are kept from the forward, everything else (projections, norms, MLP) is
-recomputed. Cost: each attention output, T x heads x head_dim values per attention call, kept
+keeps the attention outputs from the forward and recomputes everything else (projections,
+norms, MLP). Cost: each attention output, T x heads x head_dim values per attention call, kept
 per layer until its backward (about 0.8 GB per L2A layer at 128K for Qwen2.5-1.5B).
+
+Two mechanisms, the same result:
+- L2A and SWA layers on the kernels backend: plain checkpointing, and the kernels keep their
+  own outputs (their `kept=` argument; the layer's `keep_attention_outputs`). torch's selective
+  checkpointing would do the same through a Python dispatch mode that sees every operator of
+  the layer, forward and recomputation, on the host: about 4,000-7,000 operators a step for
+  Qwen2.5-1.5B, which at 32K tokens is host time the GPU cannot hide (docs/BENCHMARKS.md).
+- every other layer (global layers, transformers' own models, the reference backend): torch's
+  selective activation checkpointing, keeping the outputs of the attention operators (our
+  kernels' forward, the operator named `l2a_kernels.ATTENTION_FORWARD_OP`, and torch's fused
+  SDPA kernels).
 `keep_attention=N` keeps them in the last N decoder layers only, for a model where keeping
 every layer's would not fit (every kept output is alive when the backward starts, so which N
 layers does not change the peak).
@@ -54,6 +63,17 @@ def kept_layers(keep_attention: bool | int, num_layers: int) -> int:
     return min(int(keep_attention), num_layers)
 
 
+def _kernels_keep(model, layer) -> bool:
+    """Whether `layer` keeps its attention outputs itself: an L2A or SWA layer of an L2A model
+    whose backend is the kernels on the model's device."""
+    if getattr(layer, "layer_type", None) not in ("l2a", "swa"):
+        return False
+    from .attention import resolve_backend
+
+    device = next(model.parameters()).device
+    return resolve_backend(model.config.l2a_backend, device) == "kernels"
+
+
 def enable_checkpointing(model, keep_attention: bool | int = False) -> None:
     """Checkpoint every decoder layer of `model` (an L2A or a transformers model); keep the
     attention outputs of all of them (True), none (False) or the last N (an int)."""
@@ -61,6 +81,8 @@ def enable_checkpointing(model, keep_attention: bool | int = False) -> None:
     kept = kept_layers(keep_attention, len(layers))
     for layer in layers:  # an earlier call's per-layer choice (transformers sets its layers' own again)
         layer.__dict__.pop("_gradient_checkpointing_func", None)
+        if hasattr(layer, "keep_attention_outputs"):
+            layer.keep_attention_outputs = False
     kwargs = {"use_reentrant": False}
     if kept == len(layers):
         kwargs["context_fn"] = keep_attention_context
@@ -68,9 +90,13 @@ def enable_checkpointing(model, keep_attention: bool | int = False) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if 0 < kept < len(layers):
-        # the per-layer checkpoint function: transformers' layers call their own, and so does
-        # L2AModel (modeling.py) when a layer has one
-        selective = functools.partial(checkpoint, use_reentrant=False, context_fn=keep_attention_context)
-        for layer in layers[len(layers) - kept:]:
+    # the per-layer checkpoint function: transformers' layers call their own, and so does
+    # L2AModel (modeling.py) when a layer has one
+    selective = functools.partial(checkpoint, use_reentrant=False, context_fn=keep_attention_context)
+    plain = functools.partial(checkpoint, use_reentrant=False)
+    for layer in layers[len(layers) - kept:] if kept else ():
+        if _kernels_keep(model, layer):
+            layer.keep_attention_outputs = True
+            layer._gradient_checkpointing_func = plain
+        elif kept < len(layers):
             layer._gradient_checkpointing_func = selective

@@ -7,7 +7,9 @@ into one varlen sequence for the kernels, so a row start is also a document star
 
 The layout also carries what every layer of one forward shares, so that it is worked out once:
 the attention backend, the kernels' validated document bounds, and the routed positions of each
-L2A layer (kept for activation checkpointing's recomputation of the layer).
+L2A layer (kept for activation checkpointing's recomputation of the layer), and, for layers that
+keep their attention outputs through checkpointing, those outputs until the recomputation
+(`kept_attention`, filled and emptied by the kernels' `kept=` argument).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class DocumentLayout:
     length: int
     backend: str  # "reference" or "kernels", for every layer of this forward
     _routed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    kept_attention: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:

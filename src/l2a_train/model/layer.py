@@ -87,6 +87,9 @@ class L2ADecoderLayer(nn.Module):
             self.global_attn = _attention(modules, config, layer_idx)
             self.global_layernorm = modules.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
             self.router = Router(config.hidden_size)
+        # set by checkpointing.enable_checkpointing: the kernels keep this layer's attention
+        # outputs for the recomputation of the layer (layout.kept_attention)
+        self.keep_attention_outputs = False
 
     def forward(self, x, position_embeddings, layout: DocumentLayout, routing_step: int = 0, cache=None):
         """Returns (hidden, router_terms) with router_terms = float32 [3]:
@@ -98,6 +101,7 @@ class L2ADecoderLayer(nn.Module):
         cos, sin = position_embeddings
         backend = layout.backend
         attn = self.self_attn
+        keep = self.keep_attention_outputs and cache is None and torch.is_grad_enabled()
 
         q, k, v = project_qkv(attn, self.input_layernorm(x), cos, sin, self.rotary, cfg)
         if cache is not None:
@@ -105,11 +109,13 @@ class L2ADecoderLayer(nn.Module):
         elif self.layer_type == "global":
             a = attn_ops.causal(q, k, v, layout, attn.scaling, backend)
         else:
-            a = attn_ops.sliding_window(q, k, v, layout, int(cfg.l2a_window), attn.scaling, backend)
+            a = attn_ops.sliding_window(q, k, v, layout, int(cfg.l2a_window), attn.scaling, backend,
+                                        keep_key=(self.layer_idx, "swa") if keep else None)
         h = x + attn.o_proj(a.flatten(2))
 
         if self.layer_type == "l2a":
-            h, terms = self._routed_global(h, cos, sin, layout, routing_step, backend, cache)
+            h, terms = self._routed_global(h, cos, sin, layout, routing_step, backend, cache,
+                                           keep_key=(self.layer_idx, "global") if keep else None)
         else:
             terms = torch.zeros(3, device=x.device)  # a fill, not a host-to-device copy
             terms[1:] = 1.0 if self.layer_type == "global" else 0.0
@@ -117,7 +123,7 @@ class L2ADecoderLayer(nn.Module):
         out = h + self.mlp(self.post_attention_layernorm(h))
         return out, terms
 
-    def _routed_global(self, h, cos, sin, layout, routing_step, backend, cache=None):
+    def _routed_global(self, h, cos, sin, layout, routing_step, backend, cache=None, keep_key=None):
         cfg = self.config
         u = self.global_layernorm(h)
         if cfg.l2a_routing == "random":
@@ -139,7 +145,7 @@ class L2ADecoderLayer(nn.Module):
             self.training and dense_path_drawn(float(cfg.l2a_p_dense), routing_step, self.layer_idx)
         )
         if cache is None and not dense and self.global_attn.o_proj.bias is None:
-            h = self._query_sparse_global(h, u, d, route, cos, sin, layout, backend)
+            h = self._query_sparse_global(h, u, d, route, cos, sin, layout, backend, keep_key)
         else:
             q, k, v = project_qkv(self.global_attn, u, cos, sin, self.rotary, cfg)
             scale = self.global_attn.scaling
@@ -147,13 +153,13 @@ class L2ADecoderLayer(nn.Module):
                 g = cache.global_attention(q, k, v, layout, route, scale, backend, dense=dense)
             else:  # dense: every token attends, so skipped tokens get gradient through d
                 g = attn_ops.conditional(q, k, v, layout, route, scale, backend, dense_forward=dense,
-                                         key=self.layer_idx)
+                                         key=self.layer_idx, keep_key=keep_key)
             g = g.flatten(2) * d.to(g.dtype)[..., None]
             h = h + self.global_attn.o_proj(g)
         terms = torch.stack([p_sq, route.float().mean(), p.mean()]).float()
         return h, terms
 
-    def _query_sparse_global(self, h, u, d, route, cos, sin, layout, backend):
+    def _query_sparse_global(self, h, u, d, route, cos, sin, layout, backend, keep_key=None):
         """h + O_g(d * GlobalAttn(u)), with the query and output projections of the routed tokens only.
 
         Exact (up to rounding: the matmuls run over fewer rows): a skipped token's global
@@ -177,6 +183,6 @@ class L2ADecoderLayer(nn.Module):
         # positions, zero elsewhere (the attention reads routed rows only)
         q = q_routed.new_zeros(batch * length, *q_routed.shape[1:]).index_copy(0, rows, q_routed)
         q, k = fused_ops.rotary(self.rotary, q.view(batch, length, *q_routed.shape[1:]), k, cos, sin, cfg)
-        g = attn_ops.conditional(q, k, v, layout, route, attn.scaling, backend, key=self.layer_idx)
+        g = attn_ops.conditional(q, k, v, layout, route, attn.scaling, backend, key=self.layer_idx, keep_key=keep_key)
         g = g.reshape(batch * length, -1).index_select(0, rows) * d.reshape(-1).index_select(0, rows).to(g.dtype)[:, None]
         return h.reshape(batch * length, hidden).index_add(0, rows, attn.o_proj(g).to(h.dtype)).view_as(h)
