@@ -79,6 +79,11 @@ def test_plan_over_the_device_stops_before_the_model_with_one_line(tmp_path, dat
     ("Qwen3-8B shape, L2A, 128K", ["experiment=qwen3_8b_128k_1gpu", QWEN3_8B, "l2a=random", "trainer.keep_attention_outputs=false"], 131072, 113.4),
     ("Qwen3-8B shape, full attention, 128K", ["experiment=qwen3_8b_128k_1gpu", QWEN3_8B, "l2a=full", "trainer.keep_attention_outputs=false"], 131072, 86.9),
     ("Qwen2.5-7B shape, L2A, 128K", ["experiment=qwen2_5_7b_128k_1gpu", QWEN2_5_7B, "l2a=random", "trainer.keep_attention_outputs=false"], 131072, 84.7),
+    *((f"Qwen3-8B shape, L2A, {n // 1024}K, optimizer offloaded",
+       ["experiment=qwen3_8b_128k_1gpu", QWEN3_8B, "l2a=random", "model.max_position_embeddings=262144",
+        "+deepspeed.zero_optimization.offload_optimizer={device: cpu, pin_memory: true}",
+        *(["trainer.keep_attention_outputs=false"] if n > 196608 else [])], n, gib)
+      for n, gib in ((196608, 123.1), (262144, 137.3))),
 ])
 def test_plan_within_ten_percent_of_measured_peaks(name, overrides, seq_len, measured_gib):
     from l2a_common import compose
