@@ -121,3 +121,27 @@ def test_mapped_loads_map_zip_files_and_restore_the_engine(tmp_path, monkeypatch
         assert got["step"] == 3 and torch.equal(got["module"]["w"], state["module"]["w"])
     assert calls == [("zip.pt", True), ("legacy.pt", None)]  # mapped; read whole (mmap needs the zip format)
     assert "load" not in vars(engine.checkpoint_engine)  # the class's own method again
+
+
+def test_mapped_loads_leave_no_optimizer_state_backed_by_the_file(tmp_path):
+    """A CPU optimizer's state loaded from a mapped file (torch keeps a tensor whose device and
+    dtype match as it is) is copied when the load ends: the Adam moments must not keep a
+    checkpoint file mapped (its disk space would not come back when the checkpoint is pruned)."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    weight = torch.nn.Parameter(torch.ones(4, 4))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.full_like(weight, 0.5)
+    optimizer.step()
+    torch.save(optimizer.state_dict(), tmp_path / "optim.pt")
+    engine = SimpleNamespace(checkpoint_engine=TorchCheckpointEngine(), optimizer=SimpleNamespace(optimizer=optimizer))
+    with ck.mapped_loads(engine):
+        loaded = engine.checkpoint_engine.load(str(tmp_path / "optim.pt"), map_location=torch.device("cpu"))
+        optimizer.load_state_dict(loaded)
+        assert optimizer.state[weight]["exp_avg"] is loaded["state"][0]["exp_avg"]  # what torch does
+    state = optimizer.state[weight]
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert state[name].data_ptr() != loaded["state"][0][name].data_ptr()
+        assert torch.equal(state[name], loaded["state"][0][name])

@@ -470,6 +470,33 @@ def test_keep_attention_checkpointing_keeps_kernel_outputs_and_same_gradients(mo
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_kept_attention_outputs_do_not_outlive_the_backward(monkeypatch):
+    """Kernels keeping attention outputs through checkpointing: after the backward nothing is
+    left kept, also where the first layer trains nothing and has frozen embeddings before it
+    (checkpointing makes the layers' input require gradient, so that layer is recomputed too and
+    takes its kept outputs back); and the gradients are those without checkpointing."""
+    from l2a_train.model import attention
+    from l2a_train.model.checkpointing import enable_checkpointing
+
+    _, model = base_and_l2a("tiny_qwen3", "l2a.window=8", "l2a.backend=kernels")
+    model.train()
+    for p in [*model.model.embed_tokens.parameters(), *model.model.layers[0].parameters()]:
+        p.requires_grad_(False)
+    ids = tokens(length=40)
+    ref = model(ids, labels=ids).loss
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    enable_checkpointing(model, keep_attention=True)
+    kept = []
+    helper = attention._kept
+    monkeypatch.setattr(attention, "_kept", lambda layout, key: kept.append(layout.kept_attention) or helper(layout, key))
+    model(ids, labels=ids).loss.backward()
+    assert kept and all(d == {} for d in kept)
+    for a, b in zip(ref_grads, [p.grad for p in model.parameters() if p.grad is not None], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 class _HostReads:
     """Counts what reads device values on the host (a sync on CUDA), whatever the device:
     nonzero (its output size), .item() / bool() / int() (aten._local_scalar_dense), torch.equal,

@@ -233,6 +233,21 @@ def mapped_loads(engine):
         yield
     finally:
         del ckpt_engine.load  # the class's method again
+    _own_cpu_optimizer_state(engine)
+
+
+def _own_cpu_optimizer_state(engine) -> None:
+    """Copies of the optimizer's CPU state tensors (the optimizer offloaded to the CPU, or a run on
+    the CPU): torch's `load_state_dict` keeps a loaded tensor as it is when its device and dtype
+    already match, so without a copy the Adam moments would stay backed by the mapped file for the
+    whole run (the file's disk space not freed when the checkpoint is pruned; copy-on-write page
+    faults on the first update). States on the GPU were copied there already."""
+    optimizer = getattr(engine, "optimizer", None)
+    base = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wrapper holds the torch one
+    for state in getattr(base, "state", {}).values():
+        for name, value in state.items():
+            if torch.is_tensor(value) and value.device.type == "cpu":
+                state[name] = value.clone()
 
 
 def load_plan(state: dict, world_size: int, zero_stage: int, weights_only: bool = False) -> str:

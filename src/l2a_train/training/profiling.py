@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -111,6 +112,11 @@ def markdown(averages, step: int, device: str, top: int = 25) -> str:
 
 HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cuStreamSynchronize",
               "cuCtxSynchronize", "cuEventSynchronize")
+_RUNTIME_CALL = re.compile(r"^(cuda|cu[A-Z]|hip)")  # CUDA runtime / driver (or HIP) API calls, not operators
+
+
+def _is_runtime_call(name: str) -> bool:
+    return bool(_RUNTIME_CALL.match(name))
 
 
 def idle_gaps(spans, min_gap_us: float = 5.0):
@@ -141,7 +147,7 @@ def _op_label(event) -> str:
     """The innermost operator above a runtime call, marked [backward] inside the autograd engine."""
     op, parent, backward = None, event.cpu_parent, False
     while parent is not None:
-        if op is None and not parent.name.startswith(("cuda", "cu", "hip")):
+        if op is None and not _is_runtime_call(parent.name):
             op = parent.name
         if parent.name.startswith("autograd::engine::evaluate_function"):
             backward = True
@@ -159,14 +165,14 @@ def timeline_markdown(events, top: int = 15) -> str:
         if e.device_type == cuda:
             if not e.is_user_annotation:
                 spans.append((e.time_range.start, e.time_range.end, e.id))
-        elif e.name.startswith(("cuda", "cu")):  # a CUDA runtime or driver call, keyed by its correlation id
+        elif _is_runtime_call(e.name):  # a CUDA runtime or driver call, keyed by its correlation id
             runtime[e.id] = e
             if e.name in HOST_WAITS:
                 label = _op_label(e)
                 n, us = waits.get(label, (0, 0.0))
                 waits[label] = (n + 1, us + e.time_range.end - e.time_range.start)
     busy, span, gaps = idle_gaps(spans)
-    if not spans:
+    if not spans or span <= 0:
         return "\n## Timeline\n\nNo device activity was recorded.\n"
     by_op: dict[str, list] = {}
     late = 0.0
