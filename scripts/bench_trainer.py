@@ -193,6 +193,10 @@ def run_case(c: dict, data: Path, work: Path, warmup: int, timeout: int, log, pr
         result.update(
             tokens_per_s=statistics.median(r["tokens_per_s"] for r in timed),
             tokens_per_s_overall=sum(r["tokens_per_s"] * r["step_time_s"] for r in timed) / sum(r["step_time_s"] for r in timed),
+            # every step, so a median and an overall rate that differ can be read (a slow step: a
+            # compile, a dense-path draw, the profiled step)
+            per_step=[{"step": r["step"], "tokens_per_s": r["tokens_per_s"], "step_time_s": r["step_time_s"]}
+                      for r in records],
             peak_gib=max(r["peak_mem_gib"] for r in records),
             routed=records[-1]["routed_fraction"],
             startup_s=(first_line["t"] - started - records[0]["step_time_s"]) if "t" in first_line else None,

@@ -50,6 +50,8 @@ def test_real_trainer_benchmark_reads_its_figures_from_l2a_train(tmp_path):
     timed = [r["tokens_per_s"] for r in records if 1 < r.get("step", 0) < 3]  # the profiled last step left out
     assert result["rc"] == 0 and result["steps_done"] == 3
     assert result["tokens_per_s"] == statistics.median(timed) and len(timed) == 1
+    assert [(r["step"], r["tokens_per_s"]) for r in result["per_step"]] == [
+        (r["step"], r["tokens_per_s"]) for r in records if "tokens_per_s" in r]  # every step, the profiled one too
     assert (tmp_path / "out" / "tiny-l2a-long-profile.md").read_text().startswith("# Profile of optimizer step 3")
     assert abs(result["routed"] - 0.2) < 0.1  # l2a=random at 0.2
     assert "| tiny-l2a-long | tiny | 1K | long (" in out.stdout
