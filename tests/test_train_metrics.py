@@ -121,7 +121,12 @@ def test_profile_timeline_idle_gaps_and_host_waits():
         ev("k3", 60, 70, id=9, device=cuda), ev("cuLaunchKernelEx", 35, 36, id=9, parent=nonzero),  # launched early
         ev("cudaStreamSynchronize", 22, 28, parent=nonzero), nonzero, mm_bwd, engine,
     ]
-    text = timeline_markdown(events)
+    cpu_ops = [e for e in events if e.device_type == cpu]
+    averages = [NS(key=e.name, count=1, self_cpu_time_total=e.self_cpu_time_total, device_type=cpu)
+                for e in cpu_ops if e.name != "cudaLaunchKernel"]
+    averages.append(NS(key="cudaLaunchKernel", count=2, device_type=cpu,
+                       self_cpu_time_total=sum(e.self_cpu_time_total for e in cpu_ops if e.name == "cudaLaunchKernel")))
+    text = timeline_markdown(events, averages)
     assert "busy 40.0 ms (57.1%), idle 30.0 ms, of which 30.0 ms in 2 gaps" in text and "3 device operations" in text
     assert "(launch overhead): 10.0 ms" in text
     assert "| `aten::nonzero` | 1 | 20.0 | 0.0 | 20,000 |" in text  # k3 was queued before the GPU went idle

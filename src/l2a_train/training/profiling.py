@@ -68,12 +68,19 @@ def profiled(step: int, profile_step, run_dir: Path, is_main: bool):
             torch.cuda.synchronize()
     path = Path(run_dir) / f"profile-step{step}.md"
     tmp = path.with_name(path.name + ".tmp")
-    text = markdown(prof.key_averages(), step, "CUDA" if cuda else "CPU")
+    averages = prof.key_averages()
+    text = markdown(averages, step, "CUDA" if cuda else "CPU")
     if cuda:
-        text += timeline_markdown(prof.events())
+        text += timeline_markdown(prof.events(), averages)
     tmp.write_text(text)
     os.replace(tmp, path)
     log.info("profile of step %d: %s", step, path)
+
+
+def _cell(name: str, width: int = 90) -> str:
+    """An operator or kernel name as a Markdown table cell: code, cut to `width`, no pipes."""
+    short = name if len(name) <= width else name[:width - 3] + "..."
+    return f"`{short.replace('|', '/')}`"
 
 
 def markdown(averages, step: int, device: str, top: int = 25) -> str:
@@ -103,8 +110,7 @@ def markdown(averages, step: int, device: str, top: int = 25) -> str:
         lines.append(f"| {label} | {ms:,.1f} | {ms / total:.1%} |")
     lines += ["", f"Top {top} by time:", "", "| kernel | calls | ms | share | component |", "|---|---:|---:|---:|---|"]
     for name, count, ms in sorted(rows, key=lambda r: -r[2])[:top]:
-        short = name if len(name) <= 90 else name[:87] + "..."
-        lines.append(f"| `{short.replace('|', '/')}` | {count} | {ms:,.1f} | {ms / total:.1%} | {component(name)} |")
+        lines.append(f"| {_cell(name)} | {count} | {ms:,.1f} | {ms / total:.1%} | {component(name)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -156,9 +162,10 @@ def _op_label(event) -> str:
     return f"{op} [backward]" if backward else op
 
 
-def timeline_markdown(events, top: int = 15) -> str:
-    """The step's device timeline: idle gaps by the operator that launched the next kernel, host
-    waits by the operator that made them, and the host's costliest operators."""
+def timeline_markdown(events, averages, top: int = 15) -> str:
+    """The step's device timeline from the profiler's events: idle gaps by the operator that
+    launched the next kernel, host waits by the operator that made them; and from its averages
+    (per operator), the host's costliest operators."""
     cuda = torch.autograd.DeviceType.CUDA
     spans, runtime, waits = [], {}, {}
     for e in events:
@@ -175,17 +182,15 @@ def timeline_markdown(events, top: int = 15) -> str:
     if not spans or span <= 0:
         return "\n## Timeline\n\nNo device activity was recorded.\n"
     by_op: dict[str, list] = {}
-    late = 0.0
     for gap, idle_from, key in gaps:
         launch = runtime.get(key)
         label = _op_label(launch) if launch is not None else "(launch not recorded)"
         host_late = launch is not None and launch.time_range.start >= idle_from
-        late += gap if host_late else 0.0
         row = by_op.setdefault(label, [0, 0.0, 0.0])
         row[0] += 1
         row[1] += gap
         row[2] += gap if host_late else 0.0
-    idle = span - busy
+    idle, late = span - busy, sum(late_us for _, _, late_us in by_op.values())
     lines = ["", "## Timeline", "",
              f"Device activity spans {span / 1000:,.1f} ms: kernels, copies and memsets busy {busy / 1000:,.1f} ms "
              f"({busy / span:.1%}), idle {idle / 1000:,.1f} ms, of which {sum(g for g, _, _ in gaps) / 1000:,.1f} ms "
@@ -195,24 +200,19 @@ def timeline_markdown(events, top: int = 15) -> str:
              f"Idle gaps by the operator that launched the kernel after them (top {top}):", "",
              "| operator | gaps | idle ms | of which the host was late | mean gap us |", "|---|---:|---:|---:|---:|"]
     for label, (n, us, late_us) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top]:
-        lines.append(f"| `{label.replace('|', '/')}` | {n:,} | {us / 1000:,.1f} | {late_us / 1000:,.1f} | {us / n:,.0f} |")
+        lines.append(f"| {_cell(label)} | {n:,} | {us / 1000:,.1f} | {late_us / 1000:,.1f} | {us / n:,.0f} |")
     lines += ["", "Host waits on the device (synchronising calls, by the operator that made them):", ""]
     if waits:
         lines += ["| operator | calls | ms |", "|---|---:|---:|"]
         for label, (n, us) in sorted(waits.items(), key=lambda kv: -kv[1][1])[:top]:
-            lines.append(f"| `{label.replace('|', '/')}` | {n:,} | {us / 1000:,.1f} |")
+            lines.append(f"| {_cell(label)} | {n:,} | {us / 1000:,.1f} |")
     else:
         lines.append("none.")
-    ops: dict[str, list] = {}
-    for e in events:
-        if e.device_type == cuda:
-            continue
-        row = ops.setdefault(e.name, [0, 0.0])  # own time: a span's children are not counted twice
-        row[0] += 1
-        row[1] += e.self_cpu_time_total
+    # own time: a span's children are not counted twice
+    host = [e for e in averages if getattr(e, "device_type", None) != cuda and e.self_cpu_time_total > 0]
     lines += ["", f"Host time by operator (own time, top {top}; the CUDA runtime calls are the launches):", "",
               "| operator | calls | ms | mean us |", "|---|---:|---:|---:|"]
-    for name, (n, us) in sorted(ops.items(), key=lambda kv: -kv[1][1])[:top]:
-        short = name if len(name) <= 90 else name[:87] + "..."
-        lines.append(f"| `{short.replace('|', '/')}` | {n:,} | {us / 1000:,.1f} | {us / n:,.1f} |")
+    for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:top]:
+        us, n = e.self_cpu_time_total, int(e.count)
+        lines.append(f"| {_cell(e.key)} | {n:,} | {us / 1000:,.1f} | {us / n:,.1f} |")
     return "\n".join(lines) + "\n"
