@@ -17,14 +17,17 @@ Layouts (written by `l2a-prep` from the built-in synthetic retrieval documents, 
   mixture  as long-context recipes mix: half of the tokens in documents of 4-8 rows, half in
            documents of about 1K-8K tokens packed together
 
-Columns: tokens/s = the median of `tokens_per_s` over the steps after `--warmup` (each step
+Columns: rows per step = rows per optimizer step (the 32K cases: the experiment's own global
+batch of 32, as a run of it trains; 128K: one); tokens/s = the median of `tokens_per_s` over the steps after `--warmup` (each step
 CUDA-synchronised by the trainer), and beside it the steps' tokens over their summed time (rows
 differ: one that holds a document boundary trains faster, so the two can differ); peak = the most memory allocated on the GPU in any step
 (torch.cuda.max_memory_allocated) next to the memory plan's prediction from the run's log;
 start-up = seconds from launching `l2a-train` to the start of its first step (launch time to
 the first metrics line, less that step's time). Models have random weights built from a
 config; routing is `l2a=random` at 0.2 (the learned router's routed fraction depends on
-training; the `learned` cases train it and report the fraction they reached).
+training; the `learned` cases train it from zero on one-row steps, then time runs that start from
+those weights, at 32K and as the experiment's next stage at 128K, and report the fraction they
+reached).
 """
 
 from __future__ import annotations
@@ -61,22 +64,52 @@ METHODS = {
 }
 
 
-def case(name, model, family, experiment, method, layout, seq_len, steps=4, batch=1, extra=()):
+def case(name, model, family, experiment, method, layout, seq_len, steps=4, batch=1, extra=(), init_from=None,
+         saves=False):
+    """batch: rows per optimizer step, or "experiment" for the experiment's own global batch (a run
+    of the experiment pays the optimizer step's fixed cost once per that many rows). init_from: an
+    earlier case of the same invocation whose weights this one starts from (trainer.init_from, as a
+    user starts the next stage of a curriculum); that case must have saves=True."""
+    if batch == "experiment":
+        batch = experiment_batch(experiment)
     return dict(name=name, model=model, family=family, experiment=experiment, method=method, layout=layout,
-                seq_len=seq_len, steps=steps, batch=batch, extra=list(extra))
+                seq_len=seq_len, steps=steps, batch=batch, extra=list(extra), init_from=init_from, saves=saves)
+
+
+def experiment_batch(experiment: str) -> int:
+    """trainer.global_batch_size of configs/experiment/<experiment>.yaml."""
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(ROOT / "configs" / "experiment" / f"{experiment}.yaml").trainer.global_batch_size)
 
 
 def suites() -> dict[str, list[dict]]:
+    # Qwen2.5-1.5B shape. 32K rows: the experiment's global batch (32 rows per optimizer step), 2
+    # steps, the second timed (one step is 32 rows, about 1M tokens; the first holds the kernels'
+    # compilation). 128K rows: one row per step, 4 steps (a 32-row step there takes 2.5-5 minutes;
+    # the optimizer step's fixed cost, about 0.1-0.2 s, is 2-4% of a one-row step at 128K).
     packed = []
     for seq in (32768, 131072):
         k = seq // 1024
-        steps = 6 if seq == 32768 else 4
+        steps, batch = (2, "experiment") if seq == 32768 else (4, 1)
         for layout in ("long", "mixture"):
             for method in ("full", "l2a"):
                 packed.append(case(f"1.5b-{method}-{layout}-{k}k", "qwen2.5-1.5b", "qwen2", "qwen2_5_1_5b_32k",
-                                   method, layout, seq, steps=steps))
-    packed.append(case("1.5b-learned-mixture-32k", "qwen2.5-1.5b", "qwen2", "qwen2_5_1_5b_32k", "learned", "mixture",
-                       32768, steps=30, extra=["trainer.lr=1e-4"]))
+                                   method, layout, seq, steps=steps, batch=batch))
+    # The learned router (l2a=l2a, from zero): trained on one-row steps until its routed fraction
+    # settles, then timed as a run of the experiment (its global batch) and as the experiment's
+    # next stage at 128K rows (trainer.init_from), both from those weights
+    learned = ["trainer.lr=1e-4"]
+    packed += [
+        case("1.5b-learned-long-32k-train", "qwen2.5-1.5b", "qwen2", "qwen2_5_1_5b_32k", "learned", "long", 32768,
+             steps=30, extra=learned, saves=True),
+        case("1.5b-learned-long-32k", "qwen2.5-1.5b", "qwen2", "qwen2_5_1_5b_32k", "learned", "long", 32768,
+             steps=2, batch="experiment", extra=learned, init_from="1.5b-learned-long-32k-train"),
+        case("1.5b-learned-long-128k", "qwen2.5-1.5b", "qwen2", "qwen2_5_1_5b_32k", "learned", "long", 131072,
+             steps=4, extra=learned, init_from="1.5b-learned-long-32k-train"),
+        case("1.5b-learned-mixture-32k", "qwen2.5-1.5b", "qwen2", "qwen2_5_1_5b_32k", "learned", "mixture", 32768,
+             steps=30, extra=learned),
+    ]
     big = [
         # 4 steps: steps 2-4 timed (their rows differ: the third holds a document boundary)
         case("8b-l2a-128k", "qwen3-8b", "qwen3", "qwen3_8b_128k_1gpu", "l2a", "long", 131072, steps=4),
@@ -92,7 +125,10 @@ def suites() -> dict[str, list[dict]]:
           for n in (196608, 262144)),
     ]
     tiny = [case("tiny-l2a-long", "tiny", "qwen3", "quickstart", "l2a", "long", 1024, steps=3),
-            case("tiny-full-mixture", "tiny", "qwen3", "quickstart", "full", "mixture", 1024, steps=3)]
+            case("tiny-full-mixture", "tiny", "qwen3", "quickstart", "full", "mixture", 1024, steps=3),
+            case("tiny-learned-train", "tiny", "qwen3", "quickstart", "learned", "long", 1024, steps=2, saves=True),
+            case("tiny-learned-next", "tiny", "qwen3", "quickstart", "learned", "long", 1024, steps=2, batch=2,
+                 init_from="tiny-learned-train")]
     return {"packed_1_5b": packed, "one_gpu_8b": big, "tiny": tiny}
 
 
@@ -148,9 +184,11 @@ def run_case(c: dict, data: Path, work: Path, warmup: int, timeout: int, log, pr
     args = [f"experiment={c['experiment']}", f"model.family={c['family']}", "model.path=null",
             f"model.config={SHAPES[c['model']]}", f"data.path={data}", f"data.seq_len={c['seq_len']}", *METHODS[c["method"]],
             f"trainer.steps={c['steps']}", "trainer.warmup_steps=1", f"trainer.global_batch_size={c['batch']}",
-            "trainer.micro_batch_size=1", "trainer.save_every=0", "trainer.save_final=false", "trainer.export_hf=false", "trainer.log_every=1",
-            "trainer.resume=never",
+            "trainer.micro_batch_size=1", "trainer.save_every=0", f"trainer.save_final={str(c['saves']).lower()}",
+            "trainer.export_hf=false", "trainer.log_every=1", "trainer.resume=never",
             f"run_root={run_root}", f"name={c['name']}", *c["extra"]]
+    if c["init_from"]:
+        args.append(f"trainer.init_from={run_root / c['init_from']}")
     profiled = c["steps"] if profile else None  # the last step, left out of the median
     if profiled:
         args.append(f"trainer.profile_step={profiled}")
@@ -208,24 +246,31 @@ def run_case(c: dict, data: Path, work: Path, warmup: int, timeout: int, log, pr
 
 
 def table(results: list[dict], layouts: dict) -> str:
-    full = {(r["model"], r["layout"], r["seq_len"]): r.get("tokens_per_s") for r in results if r["method"] == "full"}
-    lines = ["| case | model | rows | layout (single-document rows, median document) | attention | routed | tokens/s | "
-             "over the steps | vs full | peak GiB (plan) | start-up s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """One row per case; "vs full" against full attention on the same model, rows, layout and rows
+    per optimizer step."""
+    def key(r):
+        return r["model"], r["layout"], r["seq_len"], r["batch"]
+
+    full = {key(r): r.get("tokens_per_s") for r in results if r["method"] == "full"}
+    lines = ["| case | model | rows | rows per step | layout (single-document rows, median document) | attention | routed | "
+             "tokens/s | over the steps | vs full | peak GiB (plan) | start-up s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         st = layouts.get((r["layout"], r["seq_len"]), {})
         where = f"{r['layout']} ({st.get('single_doc_rows', 0):.0%}, {st.get('median_doc_tokens', 0)} tokens)"
+        method = r["method"] + (f" (from {r['init_from']})" if r.get("init_from") else "")
+        head = f"| {r['name']} | {r['model']} | {r['seq_len'] // 1024}K | {r['batch']} | {where} | {method} |"
         if "tokens_per_s" not in r:
-            lines.append(f"| {r['name']} | {r['model']} | {r['seq_len'] // 1024}K | {where} | {r['method']} | - | "
-                         f"failed ({r['rc']}): {r.get('error', '')} | | | | |")
+            lines.append(f"{head} - | failed ({r['rc']}): {r.get('error', '')} | | | | |")
             continue
-        base = full.get((r["model"], r["layout"], r["seq_len"]))
+        base = full.get(key(r))
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base and r["method"] != "full" else ""
         plan = f" ({r['predicted_gib']:.1f})" if r.get("predicted_gib") is not None else ""
         start = f"{r['startup_s']:.0f}" if r.get("startup_s") is not None else "-"
         if r.get("note"):
-            where += f" [{r['note']}]"
-        lines.append(f"| {r['name']} | {r['model']} | {r['seq_len'] // 1024}K | {where} | {r['method']} | "
-                     f"{r['routed']:.2f} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_overall']:,.0f} | {ratio} | {r['peak_gib']:.1f}{plan} | {start} |")
+            head = head.replace(f" {where} |", f" {where} [{r['note']}] |")
+        lines.append(f"{head} {r['routed']:.2f} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_overall']:,.0f} | "
+                     f"{ratio} | {r['peak_gib']:.1f}{plan} | {start} |")
     return "\n".join(lines)
 
 
@@ -251,6 +296,11 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"--cases: unknown {unknown}; the suite has {[c['name'] for c in chosen]}")
         chosen = [c for c in chosen if c["name"] in names]
+    for i, c in enumerate(chosen):  # a case that starts from another needs it first, or its saved run
+        if c["init_from"] and c["init_from"] not in [c2["name"] for c2 in chosen[:i]] and not (
+                args.work / "runs" / c["init_from"] / "checkpoints").is_dir():
+            p.error(f"--cases: {c['name']} starts from {c['init_from']}'s weights; add {c['init_from']} "
+                    f"before it (no saved run of it under {args.work / 'runs'})")
     chosen = [dict(c, steps=args.steps or c["steps"], extra=c["extra"] + args.overrides) for c in chosen]
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

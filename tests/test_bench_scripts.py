@@ -54,7 +54,28 @@ def test_real_trainer_benchmark_reads_its_figures_from_l2a_train(tmp_path):
         (r["step"], r["tokens_per_s"]) for r in records if "tokens_per_s" in r]  # every step, the profiled one too
     assert (tmp_path / "out" / "tiny-l2a-long-profile.md").read_text().startswith("# Profile of optimizer step 3")
     assert abs(result["routed"] - 0.2) < 0.1  # l2a=random at 0.2
-    assert "| tiny-l2a-long | tiny | 1K | long (" in out.stdout
+    assert "| tiny-l2a-long | tiny | 1K | 1 | long (" in out.stdout
+
+
+def test_real_trainer_benchmark_starts_a_case_from_an_earlier_cases_weights(tmp_path):
+    """A learned-router case timed from the weights an earlier case trained (trainer.init_from, as
+    a curriculum's next stage starts), at its own rows per optimizer step; vs-full ratios compare
+    equal rows per step only."""
+    work = tmp_path / "w"
+    out = _run("bench_trainer.py", "--suite", "tiny", "--cases", "tiny-learned-train,tiny-learned-next",
+               "--work", str(work), "--out", str(tmp_path / "out"))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-2000:]
+    first, second = json.loads((tmp_path / "out" / "bench_trainer_tiny.json").read_text())
+    assert (first["batch"], second["batch"], second["init_from"]) == (1, 2, "tiny-learned-train")
+    log = (work / "tiny-learned-next.log").read_text()
+    assert f"initialised from {work / 'runs/tiny-learned-train/checkpoints/step_00000002'} (weights)" in log
+    assert "| tiny-learned-next | tiny | 1K | 2 | long (" in out.stdout and "learned (from tiny-learned-train)" in out.stdout
+
+
+def test_real_trainer_benchmark_needs_the_case_it_starts_from(tmp_path):
+    out = _run("bench_trainer.py", "--suite", "tiny", "--cases", "tiny-learned-next", "--work", str(tmp_path))
+    assert out.returncode == 2
+    assert "tiny-learned-next starts from tiny-learned-train's weights; add tiny-learned-train before it" in out.stderr
 
 
 def test_real_trainer_benchmark_names_unknown_cases(tmp_path):

@@ -63,15 +63,15 @@ def kept_layers(keep_attention: bool | int, num_layers: int) -> int:
     return min(int(keep_attention), num_layers)
 
 
-def _kernels_keep(model, layer) -> bool:
-    """Whether `layer` keeps its attention outputs itself: an L2A or SWA layer of an L2A model
-    whose backend is the kernels on the model's device."""
-    if getattr(layer, "layer_type", None) not in ("l2a", "swa"):
+def _on_kernels(model) -> bool:
+    """Whether `model` is an L2A model whose attention backend is the kernels on its device (its
+    L2A and SWA layers then keep their attention outputs themselves)."""
+    backend = getattr(model.config, "l2a_backend", None)
+    if backend is None:  # a transformers model
         return False
     from .attention import resolve_backend
 
-    device = next(model.parameters()).device
-    return resolve_backend(model.config.l2a_backend, device) == "kernels"
+    return resolve_backend(backend, next(model.parameters()).device) == "kernels"
 
 
 def enable_checkpointing(model, keep_attention: bool | int = False) -> None:
@@ -94,8 +94,9 @@ def enable_checkpointing(model, keep_attention: bool | int = False) -> None:
     # L2AModel (modeling.py) when a layer has one
     selective = functools.partial(checkpoint, use_reentrant=False, context_fn=keep_attention_context)
     plain = functools.partial(checkpoint, use_reentrant=False)
+    on_kernels = kept > 0 and _on_kernels(model)
     for layer in layers[len(layers) - kept:] if kept else ():
-        if _kernels_keep(model, layer):
+        if on_kernels and getattr(layer, "layer_type", None) in ("l2a", "swa"):
             layer.keep_attention_outputs = True
             layer._gradient_checkpointing_func = plain
         elif kept < len(layers):
