@@ -258,6 +258,8 @@ def table(results: list[dict], layouts: dict) -> str:
     for r in results:
         st = layouts.get((r["layout"], r["seq_len"]), {})
         where = f"{r['layout']} ({st.get('single_doc_rows', 0):.0%}, {st.get('median_doc_tokens', 0)} tokens)"
+        if r.get("note") and "tokens_per_s" in r:
+            where += f" [{r['note']}]"
         method = r["method"] + (f" (from {r['init_from']})" if r.get("init_from") else "")
         head = f"| {r['name']} | {r['model']} | {r['seq_len'] // 1024}K | {r['batch']} | {where} | {method} |"
         if "tokens_per_s" not in r:
@@ -267,8 +269,6 @@ def table(results: list[dict], layouts: dict) -> str:
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base and r["method"] != "full" else ""
         plan = f" ({r['predicted_gib']:.1f})" if r.get("predicted_gib") is not None else ""
         start = f"{r['startup_s']:.0f}" if r.get("startup_s") is not None else "-"
-        if r.get("note"):
-            head = head.replace(f" {where} |", f" {where} [{r['note']}] |")
         lines.append(f"{head} {r['routed']:.2f} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_overall']:,.0f} | "
                      f"{ratio} | {r['peak_gib']:.1f}{plan} | {start} |")
     return "\n".join(lines)
