@@ -107,6 +107,8 @@ def suites() -> dict[str, list[dict]]:
              steps=2, batch="experiment", extra=learned, init_from="1.5b-learned-long-32k-train"),
         case("1.5b-learned-long-128k", "qwen2.5-1.5b", "qwen2", "qwen2_5_1_5b_32k", "learned", "long", 131072,
              steps=4, extra=learned, init_from="1.5b-learned-long-32k-train"),
+        case("1.5b-learned-mixture-128k", "qwen2.5-1.5b", "qwen2", "qwen2_5_1_5b_32k", "learned", "mixture", 131072,
+             steps=4, extra=learned, init_from="1.5b-learned-long-32k-train"),
         case("1.5b-learned-mixture-32k", "qwen2.5-1.5b", "qwen2", "qwen2_5_1_5b_32k", "learned", "mixture", 32768,
              steps=30, extra=learned),
     ]
