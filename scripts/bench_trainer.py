@@ -181,8 +181,13 @@ def layout_stats(data: Path, seq_len: int) -> dict:
             "median_doc_tokens": int(statistics.median(lengths)) if lengths else 0}
 
 
+def runs_root(work: Path) -> Path:
+    """Where the cases' `l2a-train` runs go (`run_root`): <work>/runs/<case name>."""
+    return work / "runs"
+
+
 def run_case(c: dict, data: Path, work: Path, warmup: int, timeout: int, log, profile: bool = False) -> dict:
-    run_root = work / "runs"
+    run_root = runs_root(work)
     args = [f"experiment={c['experiment']}", f"model.family={c['family']}", "model.path=null",
             f"model.config={SHAPES[c['model']]}", f"data.path={data}", f"data.seq_len={c['seq_len']}", *METHODS[c["method"]],
             f"trainer.steps={c['steps']}", "trainer.warmup_steps=1", f"trainer.global_batch_size={c['batch']}",
@@ -300,9 +305,9 @@ def main(argv=None) -> int:
         chosen = [c for c in chosen if c["name"] in names]
     for i, c in enumerate(chosen):  # a case that starts from another needs it first, or its saved run
         if c["init_from"] and c["init_from"] not in [c2["name"] for c2 in chosen[:i]] and not (
-                args.work / "runs" / c["init_from"] / "checkpoints").is_dir():
+                runs_root(args.work) / c["init_from"] / "checkpoints").is_dir():
             p.error(f"--cases: {c['name']} starts from {c['init_from']}'s weights; add {c['init_from']} "
-                    f"before it (no saved run of it under {args.work / 'runs'})")
+                    f"before it (no saved run of it under {runs_root(args.work)})")
     chosen = [dict(c, steps=args.steps or c["steps"], extra=c["extra"] + args.overrides) for c in chosen]
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
